@@ -1,0 +1,36 @@
+"""sdsurgery: retrofit stochastic depth (DropPath) into an existing PyTorch model with a torch.fx pass.
+
+Pipeline: trace (:mod:`.tracing`) -> find residual sites (:mod:`.residuals`, :mod:`.plan`) -> plan rates
+(:mod:`.schedules`) -> rewrite each owning block (:mod:`.rewrite`, :mod:`.surgery`) -> verify (:mod:`.verify`).
+"""
+
+from .errors import NoResidualSitesError, SurgeryError, TraceError, VerificationError
+from .ops import StochasticDepth, stochastic_depth
+from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
+from .rewrite import RetrofittedBlock
+from .schedules import drop_rates, linear_rates
+from .surgery import apply_stochastic_depth
+from .verify import SiteCheck, VerificationReport, default_example_inputs, verify
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NoResidualSitesError",
+    "ResidualSite",
+    "RetrofittedBlock",
+    "SiteCheck",
+    "StochasticDepth",
+    "SurgeryError",
+    "SurgeryPlan",
+    "TraceError",
+    "VerificationError",
+    "VerificationReport",
+    "apply_stochastic_depth",
+    "default_example_inputs",
+    "drop_rates",
+    "find_residual_sites",
+    "linear_rates",
+    "plan_stochastic_depth",
+    "stochastic_depth",
+    "verify",
+]

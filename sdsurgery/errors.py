@@ -1,0 +1,30 @@
+"""Exceptions raised by sdsurgery. Every message says what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class for errors of the stochastic-depth surgery."""
+
+
+class TraceError(SurgeryError):
+    """A module could not be traced with torch.fx."""
+
+    def __init__(self, module_path: str, module_type: str, cause: BaseException | str):
+        self.module_path = module_path
+        self.module_type = module_type
+        self.cause = cause
+        where = f"module '{module_path}' ({module_type})" if module_path else f"the model's own forward ({module_type})"
+        self.reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        super().__init__(
+            f"torch.fx could not trace {where}: {self.reason}. Make that code traceable, or pass its class in "
+            f"leaf_modules=[...] (or the helper it calls in autowrap_functions=[...]) so it is kept as one opaque call."
+        )
+
+
+class NoResidualSitesError(SurgeryError):
+    """The model holds no residual addition that stochastic depth could go on."""
+
+
+class VerificationError(SurgeryError):
+    """The retrofitted model does not behave like the original where it must."""

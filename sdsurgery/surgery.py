@@ -1,0 +1,104 @@
+"""The pass: trace -> find sites -> plan rates -> rewrite each owning block -> check eval outputs."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .errors import NoResidualSitesError, VerificationError
+from .ops import _check_mode
+from .plan import ModuleFilter, SurgeryPlan, plan_stochastic_depth
+from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
+from .schedules import Schedule
+from .verify import ExampleInputs, compare_eval_outputs, default_example_inputs, eval_outputs
+
+
+def apply_stochastic_depth(
+    model: nn.Module,
+    p_max: float,
+    *,
+    schedule: Schedule = "linear",
+    mode: str = "row",
+    inplace: bool = False,
+    verify: bool = True,
+    example_inputs: ExampleInputs | None = None,
+    nested: bool = False,
+    include: Sequence[ModuleFilter] | None = None,
+    exclude: Sequence[ModuleFilter] = (),
+    leaf_modules: Iterable[type[nn.Module]] = (),
+    autowrap_functions: Iterable[Callable[..., Any]] = (),
+) -> nn.Module:
+    """Return ``model`` with stochastic depth on the branch of every residual addition.
+
+    Rates follow ``schedule`` over the residual blocks by depth, up to ``p_max`` (``"linear"``:
+    ``p_max * i / (L - 1)``; ``"uniform"``; a list; or ``f(i, L)``); ``mode`` is ``"row"`` or ``"batch"``.
+    Each block that owns an addition is replaced by its traced copy (:class:`RetrofittedBlock`) with a
+    :class:`StochasticDepth` child; the rest of the model, its class, attributes, methods and
+    ``state_dict()`` keys are kept. Existing stochastic depth on a branch is re-rated, never stacked. The
+    input model is left untouched unless ``inplace=True``.
+
+    With ``verify=True`` eval-mode outputs are checked to equal the original's on ``example_inputs`` (or an
+    input built from the model's known input size; the check is skipped when none is known).
+
+    Raises ``NoResidualSitesError`` when no residual addition is found, ``TraceError`` when the model's
+    forward does not trace, ``VerificationError`` when eval outputs differ, ``ValueError`` for bad options.
+    """
+    _check_mode(mode)
+    plan = plan_stochastic_depth(
+        model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+    )
+    if not plan.sites:
+        raise NoResidualSitesError(
+            f"no residual addition found in {type(model).__name__}: nothing to put stochastic depth on "
+            "(residual means y = x + F(x) with parameters in F; concatenations and plain sums do not count)"
+        )
+    if plan.untraced:
+        warnings.warn(
+            "sdsurgery kept these modules as they are because they do not trace: "
+            + "; ".join(f"{path} ({why})" for path, why in plan.untraced.items()),
+            stacklevel=2,
+        )
+    inputs = (example_inputs if example_inputs is not None else default_example_inputs(model)) if verify else None
+    reference = eval_outputs(model, inputs) if inputs is not None else None
+
+    result = rewrite(model if inplace else copy.deepcopy(model), plan, mode)
+
+    if reference is not None:
+        max_abs_diff, ok = compare_eval_outputs(reference, eval_outputs(result, inputs))
+        if not ok:
+            raise VerificationError(
+                f"eval outputs changed after surgery (max abs diff {max_abs_diff:.3g}); this is a bug in "
+                "sdsurgery: please report it with the model, or exclude the offending blocks with exclude=[...]"
+            )
+    return result
+
+
+def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
+    """Replace each block of ``plan`` in ``model`` by its retrofitted copy; return the (possibly new) root."""
+    edits: dict[str, list[BlockEdit]] = defaultdict(list)
+    for site in plan.sites:
+        edits[site.block_path].append(BlockEdit(site.ordinal, site.branch_operand, site.drop_rate))
+    done: list[RetrofittedBlock] = []
+    for path in plan.block_paths:
+        call = plan.module_calls.get(path)
+        block = retrofit_block(
+            model.get_submodule(path),
+            edits[path],
+            mode=mode,
+            options=plan.trace_options.relative_to(path),
+            path=path,
+            concrete_args=call.concrete_args() if call is not None else None,
+            leaves=done,
+        )
+        done.append(block)
+        if path:
+            model.set_submodule(path, block)
+        else:
+            model = block
+    return model
