@@ -48,13 +48,15 @@ class StochasticDepth(nn.Module):
     """Stochastic depth on a residual branch: ``StochasticDepth(p)(F(x))`` before ``x + ...``.
 
     ``p`` (also readable and settable as timm's ``drop_prob``) is the drop rate in ``[0, 1)``; ``mode`` is
-    ``"row"`` (per sample) or ``"batch"`` (one draw per batch). The module holds no parameters or buffers.
+    ``"row"`` (per sample) or ``"batch"`` (one draw per batch). ``depth`` is the index by depth of the
+    residual block it serves, when the surgery pass placed it. The module holds no parameters or buffers.
     """
 
-    def __init__(self, p: float = 0.0, mode: str = "row") -> None:
+    def __init__(self, p: float = 0.0, mode: str = "row", depth: int | None = None) -> None:
         super().__init__()
         self.p = p
         self.mode = mode
+        self.depth = depth
 
     @property
     def p(self) -> float:
@@ -79,7 +81,8 @@ class StochasticDepth(nn.Module):
         return stochastic_depth(x, self._p, self.training, self._mode)
 
     def extra_repr(self) -> str:
-        return f"p={self._p:.6g}, mode={self._mode!r}"
+        depth = "" if self.depth is None else f", depth={self.depth}"
+        return f"p={self._p:.6g}, mode={self._mode!r}{depth}"
 
 
 def _existing_module_types() -> tuple[type[nn.Module], ...]:

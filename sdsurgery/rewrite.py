@@ -26,11 +26,12 @@ from .tracing import TraceOptions, owner_path, trace
 @dataclass(frozen=True)
 class BlockEdit:
     """Where to put stochastic depth in a block's own trace: its ``ordinal``-th own addition, on operand
-    ``branch_operand`` (0 or 1), with rate ``drop_rate``."""
+    ``branch_operand`` (0 or 1), with rate ``drop_rate`` for the block at index ``depth``."""
 
     ordinal: int
     branch_operand: int
     drop_rate: float
+    depth: int
 
 
 class RetrofittedBlock(fx.GraphModule):
@@ -207,7 +208,7 @@ def retrofit_block(
 
     for edit, target in zip(edits, targets):
         parent, _, name = target.rpartition(".")
-        module = StochasticDepth(edit.drop_rate, mode).train(block.training)
+        module = StochasticDepth(edit.drop_rate, mode, edit.depth).train(block.training)
         block.get_submodule(parent).add_module(name, module)
     constants = {**traces[0].constants, **(traces[1].constants if dual else {})}
     return RetrofittedBlock(block, train_graph, eval_graph if dual else None, constants=constants)

@@ -83,7 +83,7 @@ def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
     """Replace each block of ``plan`` in ``model`` by its retrofitted copy; return the (possibly new) root."""
     edits: dict[str, list[BlockEdit]] = defaultdict(list)
     for site in plan.sites:
-        edits[site.block_path].append(BlockEdit(site.ordinal, site.branch_operand, site.drop_rate))
+        edits[site.block_path].append(BlockEdit(site.ordinal, site.branch_operand, site.drop_rate, site.depth))
     done: list[RetrofittedBlock] = []
     for path in plan.block_paths:
         call = plan.module_calls.get(path)
