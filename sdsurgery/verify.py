@@ -1,9 +1,9 @@
 """Proving that a retrofitted model is the original network with stochastic depth on its residual branches.
 
 Three checks: eval-mode outputs are equal; with every drop rate forced to 0, train-mode outputs are equal
-under the same random seed; and at each site, forcing the stochastic-depth node to drop makes the addition
-return exactly its skip operand while the skip itself is unchanged (so the node sits on the branch, not on
-the skip and not after the addition).
+under the same random seed; and at each site, the stochastic-depth node feeds a residual addition on its
+branch (skip and branch told apart by the graph, as the pass does), and forcing it to drop makes the
+addition return exactly its skip operand while the skip itself is unchanged.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .ops import STOCHASTIC_DEPTH_MODULES, StochasticDepth, set_drop_rate_of
-from .residuals import add_operands
+from .residuals import ResidualAdd, add_operands, classify_add, input_dependent_nodes
 
 ExampleInputs = Union[torch.Tensor, tuple]
 """One input tensor, or a tuple of positional inputs."""
@@ -98,12 +98,13 @@ class SiteCheck:
 
     module: str
     add: str
+    on_branch: bool
     drops_to_skip: bool
     skip_unchanged: bool
 
     @property
     def ok(self) -> bool:
-        return self.drops_to_skip and self.skip_unchanged
+        return self.on_branch and self.drops_to_skip and self.skip_unchanged
 
 
 @dataclass
@@ -185,36 +186,34 @@ def _train_diff_at_rate_zero(original: nn.Module, retrofitted: nn.Module, inputs
 
 
 class _SiteProbe(fx.Interpreter):
-    """Runs one graph with one stochastic-depth module replaced by a full drop, keeping a copy of the
+    """Runs one graph with one stochastic-depth call replaced by a full drop, keeping a copy of the
     ``watched`` nodes' values as they were produced (later in-place ops such as ``ReLU(inplace=True)``
-    must not change what is compared)."""
+    must not change what is compared). Calls, not modules, are dropped: one module may serve two sites."""
 
-    def __init__(self, module: fx.GraphModule, graph: fx.Graph, dropped: str | None, watched: set) -> None:
+    def __init__(self, module: fx.GraphModule, graph: fx.Graph, dropped: fx.Node | None, watched: set) -> None:
         super().__init__(module, graph=graph)
         self.dropped = dropped
         self.watched = watched
         self.values: dict[fx.Node, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        if n is self.dropped:
+            result = torch.zeros_like(self.env[n.args[0]])
+        else:
+            result = super().run_node(n)
         if n in self.watched:
             self.values[n] = result.clone()
         return result
 
-    def call_module(self, target: str, args: tuple, kwargs: dict) -> Any:
-        if target == self.dropped:
-            return torch.zeros_like(args[0])
-        return super().call_module(target, args, kwargs)
 
-
-def _site_add(sd_node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
-    """The addition a stochastic-depth node feeds (through single-use ops such as layer scale) and its skip."""
+def _site_add(sd_node: fx.Node, block: nn.Module, dependent: set[fx.Node]) -> ResidualAdd | None:
+    """The residual addition a stochastic-depth node feeds (through single-use ops such as layer scale),
+    with its skip and branch told apart by the same graph rules as the pass, independently of the node."""
     node = sd_node
     while len(node.users) == 1:
         user = next(iter(node.users))
-        operands = add_operands(user)
-        if operands is not None and node in operands:
-            return user, operands[1 - operands.index(node)]
+        if add_operands(user) is not None:
+            return classify_add(user, block, dependent)
         node = user
     return None
 
@@ -245,29 +244,30 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleInputs) -> list[SiteChec
         bound = signature.bind(*calls[path][0], **calls[path][1])
         bound.apply_defaults()
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
+        dependent = input_dependent_nodes(graph)
         sites = {
-            node: _site_add(node)
+            node: _site_add(node, block, dependent)
             for node in graph.find_nodes(op="call_module")
             if isinstance(block.get_submodule(node.target), StochasticDepth)
         }
-        watched = {n for site in sites.values() if site is not None for n in site}
+        watched = {n for site in sites.values() if site is not None for n in (site.add, site.skip)}
         with torch.no_grad(), _mode(block, False):
             kept = _SiteProbe(block, graph, None, watched)
             kept.run(*args)
             for node, site in sites.items():
                 name = f"{path}.{node.target}" if path else node.target
-                if site is None:
-                    checks.append(SiteCheck(name, "", False, False))
+                if site is None:  # not followed by a residual addition: after the add, or off any residual
+                    checks.append(SiteCheck(name, "", False, False, False))
                     continue
-                add, skip = site
-                dropped = _SiteProbe(block, graph, node.target, watched)
+                dropped = _SiteProbe(block, graph, node, watched)
                 dropped.run(*args)
                 checks.append(
                     SiteCheck(
                         module=name,
-                        add=add.name,
-                        drops_to_skip=torch.equal(dropped.values[add], dropped.values[skip]),
-                        skip_unchanged=torch.equal(dropped.values[skip], kept.values[skip]),
+                        add=site.add.name,
+                        on_branch=node in site.branch_nodes,
+                        drops_to_skip=torch.equal(dropped.values[site.add], dropped.values[site.skip]),
+                        skip_unchanged=torch.equal(dropped.values[site.skip], kept.values[site.skip]),
                     )
                 )
     return checks

@@ -1,0 +1,97 @@
+"""The verifier catches every way a retrofit can be wrong: changed outputs, SD on the skip, SD after the add."""
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from sdsurgery import apply_stochastic_depth, default_example_inputs, verify
+
+
+@pytest.fixture
+def models():
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18()
+    return original, apply_stochastic_depth(original, 0.2)
+
+
+def _move_stochastic_depth(block, onto):
+    """Rewire the block's stochastic-depth call onto the skip operand or after the addition."""
+    graph = block.graph
+    sd = next(n for n in graph.nodes if n.op == "call_module" and n.target == "stochastic_depth")
+    add = next(iter(sd.users))
+    branch, skip = sd.args[0], next(a for a in add.args if a is not sd)
+    add.replace_input_with(sd, branch)
+    if onto == "skip":
+        sd.args = (skip,)
+        add.replace_input_with(skip, sd)
+    else:
+        sd.args = (add,)
+        add.append(sd)  # keep topological order: the call now runs right after the addition
+        for user in list(add.users):
+            if user is not sd:
+                user.replace_input_with(add, sd)
+    block.recompile()
+
+
+def test_correct_retrofit_passes(models):
+    report = verify(*models)
+    assert report.ok and report.eval_ok and report.train_ok and report.sites_ok
+    assert (report.eval_max_abs_diff, report.train_max_abs_diff) == (0.0, 0.0)
+    assert all(check.on_branch for check in report.sites)
+
+
+def test_changed_weights_fail_the_eval_check(models):
+    original, retrofitted = models
+    with torch.no_grad():
+        retrofitted.fc.bias.add_(1.0)
+    report = verify(original, retrofitted)
+    assert not report.eval_ok and not report.ok
+    assert report.eval_max_abs_diff == pytest.approx(1.0)
+
+
+def test_stochastic_depth_on_the_skip_is_caught(models):
+    original, retrofitted = models
+    _move_stochastic_depth(retrofitted.layer1[1], onto="skip")
+    report = verify(original, retrofitted)
+    failed = [c for c in report.sites if not c.ok]
+    assert [(c.module, c.on_branch) for c in failed] == [("layer1.1.stochastic_depth", False)]
+    assert report.eval_ok and not report.ok
+
+
+def test_stochastic_depth_after_the_addition_is_caught(models):
+    original, retrofitted = models
+    _move_stochastic_depth(retrofitted.layer2[0], onto="after")
+    report = verify(original, retrofitted)
+    assert [c.module for c in report.sites if not c.ok] == ["layer2.0.stochastic_depth"]
+    assert not report.ok
+
+
+def test_summary_names_the_failing_site(models):
+    original, retrofitted = models
+    _move_stochastic_depth(retrofitted.layer1[1], onto="skip")
+    assert "failed: layer1.1.stochastic_depth" in verify(original, retrofitted).summary()
+
+
+def test_models_are_left_unchanged(models):
+    original, retrofitted = models
+    before = {k: v.clone() for k, v in retrofitted.state_dict().items()}
+    retrofitted.train()
+    verify(original, retrofitted)
+    assert retrofitted.training
+    assert all(torch.equal(v, before[k]) for k, v in retrofitted.state_dict().items())
+
+
+def test_default_input_for_torchvision_is_224():
+    assert default_example_inputs(torchvision.models.resnet18())[0].shape == (2, 3, 224, 224)
+
+
+def test_default_input_for_timm_follows_its_pretrained_cfg():
+    model = timm.create_model("resnet18", pretrained_cfg_overlay={"input_size": (3, 160, 160)})
+    assert default_example_inputs(model)[0].shape == (2, 3, 160, 160)
+
+
+def test_unknown_input_size_asks_for_example_inputs():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="verify needs example_inputs"):
+        verify(model, model)
