@@ -82,6 +82,14 @@ class RetrofittedBlock(fx.GraphModule):
             self.graph = self.train_graph if mode else self.eval_graph
         return super().train(mode)
 
+    def _apply(self, fn, recurse=True):
+        # Tensor constants fx lifted out of the traced code must follow .to(device) / .half() like buffers.
+        super()._apply(fn, recurse)
+        for name, value in self.constants.items():
+            self.constants[name] = fn(value)
+            setattr(self, name, self.constants[name])
+        return self
+
     def _deepcopy_init(self):  # used by GraphModule.__deepcopy__ with a stand-in holding the copied __dict__
         def init(copy: RetrofittedBlock, root: Any, graph: fx.Graph) -> None:
             state = root.__dict__

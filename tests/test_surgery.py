@@ -128,6 +128,22 @@ def test_batch_mode_is_passed_to_every_module(resnet):
     assert {m.mode for m in modules if isinstance(m, StochasticDepth)} == {"batch"}
 
 
+class ConstantScaledResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return x + self.f(x) * torch.tensor([1.0, 2.0])  # fx lifts the tensor into a graph constant
+
+
+def test_graph_constants_follow_the_model_to_another_device_and_dtype():
+    retrofitted = apply_stochastic_depth(nn.Sequential(ConstantScaledResidual()), 0.1).to("meta", torch.float64)
+    output = retrofitted(torch.empty(3, 2, device="meta", dtype=torch.float64))
+    assert (output.device.type, output.dtype) == ("meta", torch.float64)
+    assert all(c.device.type == "meta" for c in retrofitted[0].constants.values())
+
+
 # A residual written in the model's own forward, and blocks nested in it.
 
 
