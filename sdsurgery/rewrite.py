@@ -93,11 +93,8 @@ class RetrofittedBlock(fx.GraphModule):
     def _deepcopy_init(self):  # used by GraphModule.__deepcopy__ with a stand-in holding the copied __dict__
         def init(copy: RetrofittedBlock, root: Any, graph: fx.Graph) -> None:
             state = root.__dict__
-            RetrofittedBlock.__init__(
-                copy, root, state["train_graph"], state["eval_graph"], state["block_class_name"], state["constants"]
-            )
-            if not state["training"]:
-                copy.train(False)
+            graphs = (state["train_graph"], state["eval_graph"])
+            RetrofittedBlock.__init__(copy, root, *graphs, state["block_class_name"], state["constants"])
 
         return init
 
