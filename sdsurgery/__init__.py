@@ -4,7 +4,9 @@ Pipeline: trace (:mod:`.tracing`) -> find residual sites (:mod:`.residuals`, :mo
 (:mod:`.schedules`) -> rewrite each owning block (:mod:`.rewrite`, :mod:`.surgery`) -> verify (:mod:`.verify`).
 """
 
+from .checkpoint import CheckpointError, load
 from .errors import NoResidualSitesError, SurgeryError, TraceError, VerificationError
+from .models import ModelSpecError, WeightsError
 from .ops import StochasticDepth, stochastic_depth
 from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
 from .rewrite import RetrofittedBlock
@@ -34,3 +36,4 @@ __all__ = [
     "stochastic_depth",
     "verify",
 ]
+__all__ += ["CheckpointError", "ModelSpecError", "WeightsError", "load"]
