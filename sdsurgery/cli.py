@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import FORMATS, CheckpointError, SurgeryOptions, check_destination, checkpoint_for, read, save
+from .checkpoint import FORMATS, SurgeryOptions, check_destination, checkpoint_for, read, save
 from .errors import NoResidualSitesError, SurgeryError, VerificationError
 from .models import BuildOptions, ModelSpec, build_model, load_weights, parse_model_spec
 from .ops import MODES
@@ -188,6 +189,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed early (| head): stop quietly, as the Python docs recommend
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as error:
         if debug:
             raise
@@ -371,9 +375,10 @@ def _totals(plan: SurgeryPlan) -> dict[str, float]:
         "num_blocks": len(rates),
         "min_drop_rate": min(rates),
         "max_drop_rate": max(rates),
-        "mean_drop_rate": sum(rates) / len(rates),
+        # rounded: sums of rates such as 0.1 carry float noise (11.399999999999999) that says nothing
+        "mean_drop_rate": round(sum(rates) / len(rates), 12),
         # blocks kept on average in a training step: what the network's depth becomes in expectation
-        "expected_depth": sum(1.0 - rate for rate in rates),
+        "expected_depth": round(sum(1.0 - rate for rate in rates), 12),
     }
 
 

@@ -47,7 +47,7 @@ def test_debug_reraises_the_exception(tmp_path: Path) -> None:
         main(["apply", "torchvision:resnet19", "--p-max", "0.1", "-o", str(tmp_path / "out.pt"), "--debug"])
 
 
-def test_debug_before_the_command_also_reraises(tmp_path: Path) -> None:
+def test_debug_before_the_command_also_reraises() -> None:
     with pytest.raises(ModelSpecError):
         main(["--debug", "inspect", "torchvision:resnet19"])
 
