@@ -129,7 +129,8 @@ def run_cli(ws: Workspace, name: str, args: list[str], *, executable: list[str] 
     argv = [*(executable or [sys.executable, "-m", "sdsurgery"]), *map(str, args)]
     env = {
         **os.environ,
-        "PYTHONPATH": str(HERE),  # the pickled models' classes
+        # HERE: the pickled models' classes; an outer PYTHONPATH (an sdsurgery checkout under test) still applies
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])),
         "HF_HUB_OFFLINE": "1",
         "OMP_NUM_THREADS": "1",  # runs go JOBS at a time on a few cores: one thread each, no oversubscription
     }
