@@ -10,7 +10,9 @@ from .models import ModelSpecError, WeightsError
 from .ops import StochasticDepth, stochastic_depth
 from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
 from .rewrite import RetrofittedBlock
+from .rates import set_drop_rates, strip_stochastic_depth
 from .schedules import drop_rates, linear_rates
+from .skipping import SkippableBranch, seed_block_drops
 from .surgery import apply_stochastic_depth
 from .verify import SiteCheck, VerificationReport, default_example_inputs, verify
 
@@ -37,3 +39,4 @@ __all__ = [
     "verify",
 ]
 __all__ += ["CheckpointError", "ModelSpecError", "WeightsError", "load"]
+__all__ += ["SkippableBranch", "seed_block_drops", "set_drop_rates", "strip_stochastic_depth"]

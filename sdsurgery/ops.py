@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-MODES = ("row", "batch")
+MODES = ("row", "batch", "subset")
 
 
 def _check_rate(p: float) -> float:
@@ -31,14 +31,23 @@ def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: str = "row
     """Drop the residual branch output ``x`` with probability ``p`` and rescale what is kept by ``1 / (1 - p)``.
 
     ``mode="row"`` draws one keep/drop decision per sample (mask of shape ``[B, 1, ..., 1]``);
-    ``mode="batch"`` draws one decision for the whole batch. Returns ``x`` itself when not ``training``
-    or when ``p == 0``. Raises ``ValueError`` for ``p`` outside ``[0, 1)`` or an unknown mode.
+    ``mode="batch"`` draws one decision for the whole batch; ``mode="subset"`` keeps exactly
+    ``k = max(1, round(B * (1 - p)))`` random samples, scaled by ``B / k`` (the mask form of
+    :mod:`sdsurgery.skipping`, which computes only what is kept in the batch and subset modes). Returns ``x``
+    itself when not ``training`` or when ``p == 0``. Raises ``ValueError`` for ``p`` outside ``[0, 1)`` or an
+    unknown mode.
     """
     _check_rate(p)
     _check_mode(mode)
     if not training or p == 0.0:
         return x
     q = 1.0 - p
+    if mode == "subset":
+        batch = x.shape[0]
+        kept = max(1, round(batch * q))
+        mask = torch.zeros((batch,) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
+        mask[torch.randperm(batch, device=x.device)[:kept]] = batch / kept
+        return x * mask
     shape = (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
     mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(q)
     return x * mask / q

@@ -15,6 +15,7 @@ from .ops import _check_mode
 from .plan import ModuleFilter, SurgeryPlan, plan_stochastic_depth
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
+from .skipping import SKIPPING_MODES, skip_dropped_branches
 from .verify import ExampleInputs, compare_eval_outputs, default_example_inputs, eval_outputs
 
 
@@ -101,4 +102,6 @@ def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
             model.set_submodule(path, block)
         else:
             model = block
+    if mode in SKIPPING_MODES:  # batch/subset: move each branch out of the train graph so drops skip its work
+        skip_dropped_branches(model, mode)
     return model

@@ -1,0 +1,79 @@
+"""torch.compile: row and subset modes compile to one graph (fullgraph=True) that is not recompiled from step
+to step; batch mode compiles with a graph break at each block's host-side draw; eval outputs of a compiled
+model match eager.
+
+Graph breaks and recompiles are decided by dynamo, before any backend: those tests use the fast "aot_eager"
+backend (dynamo + AOTAutograd, forward and backward); inductor (CPU, slow to compile here) checks eval
+outputs in every mode and trains subset mode, whose row gather and scatter are the least usual ops."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sdsurgery import apply_stochastic_depth, seed_block_drops, set_drop_rates
+from tiny_residual_models import ConvNet
+
+X = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+Y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _train_steps(model, steps: int) -> None:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.cross_entropy(model(X), Y).backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize("mode", ["row", "subset"])
+def test_trains_as_one_graph_without_recompiling(mode):
+    model = apply_stochastic_depth(ConvNet(channels=4), 0.5, mode=mode, example_inputs=X).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # a graph break raises
+    _train_steps(compiled, 1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train_steps(compiled, 3)
+
+
+def test_batch_mode_compiles_and_stops_recompiling_once_each_draw_outcome_was_seen():
+    model = apply_stochastic_depth(ConvNet(channels=4), 0.5, mode="batch", example_inputs=X, schedule="uniform")
+    seed_block_drops(model, 1)  # first steps keep and drop every block at least once
+    compiled = torch.compile(model.train(), backend="aot_eager")
+    _train_steps(compiled, 6)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train_steps(compiled, 6)
+
+
+def test_new_rates_reach_a_compiled_model():
+    model = apply_stochastic_depth(ConvNet(channels=4), 0.5, mode="subset", example_inputs=X).train()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    _train_steps(compiled, 1)
+    set_drop_rates(model, 0.0)  # one recompile; at rate 0 a training step is deterministic
+    torch.manual_seed(0)
+    eager = model(X)
+    torch.manual_seed(0)
+    torch.testing.assert_close(compiled(X), eager)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch", "subset"])
+def test_inductor_eval_outputs_match_eager(mode):
+    model = apply_stochastic_depth(ConvNet(blocks=2, channels=4), 0.5, mode=mode, example_inputs=X).eval()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(X), model(X), rtol=1e-4, atol=1e-5)
+
+
+def test_inductor_trains_subset_mode_without_recompiling():
+    model = apply_stochastic_depth(ConvNet(blocks=2, channels=4), 0.5, mode="subset", example_inputs=X).train()
+    compiled = torch.compile(model, fullgraph=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train_steps(compiled, 1)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        _train_steps(compiled, 2)
+    assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
