@@ -140,6 +140,17 @@ def test_seeding_the_drops_makes_batch_mode_reproducible():
     assert all(torch.equal(a, b) for a, b in zip(*outputs))
 
 
+@pytest.mark.parametrize("mode", SKIPPING)
+def test_the_branch_calls_a_submodule_replaced_after_surgery(mode):
+    # e.g. nn.SyncBatchNorm.convert_sync_batchnorm swaps BatchNorm modules in place after surgery
+    model = _retrofit(ConvNet(blocks=1), 0.0, mode, IMAGES).train()
+    block = model.blocks[0]
+    block.bn1 = nn.BatchNorm2d(8)
+    calls = _calls(block.bn1)
+    model(IMAGES)
+    assert calls == [4]
+
+
 # --- subset mode ---
 
 
