@@ -1,4 +1,8 @@
-"""Finding the residual sites of a whole model and planning their drop rates by depth (a dry run)."""
+"""Finding the residual sites of a whole model and planning their drop rates by depth (a dry run).
+
+The model is traced as well as it goes (:mod:`.parts`); the residual additions of every traced part
+(:mod:`.residuals`) are numbered by depth in execution order across parts, and the schedule rates them.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +11,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+import torch
 from torch import nn
 
-from .errors import TraceError
-from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .ops import _check_rate
+from .parts import execution_order, trace_model
+from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .schedules import Schedule, drop_rates
-from .tracing import ModuleCall, TraceOptions, owner_path, trace
+from .tracing import ModuleCall, TraceOptions, owner_path
 
 ModuleFilter = Union[str, type[nn.Module]]
 """A module-path glob (``"layer4.*"``) or a module class."""
@@ -49,15 +54,26 @@ class SurgeryPlan:
     sites: list[ResidualSite]
     num_blocks: int
     untraced: dict[str, str]
-    """Modules kept as they are because they did not trace, with the reason."""
+    """Modules kept as they are because they did not trace, with the reason ('' is the model's own forward).
+    The children of a module whose own forward did not trace are traced separately (see :mod:`.parts`)."""
     module_calls: dict[str, ModuleCall]
     trace_options: TraceOptions
+    specialised: dict[str, str] = field(default_factory=dict)
+    """Modules whose code was traced with the example input's concrete shapes (path -> ``file:line``)."""
+    parts: list[str] = field(default_factory=lambda: [""])
+    """The modules traced as roots of their own, in execution order: ``[""]`` when the model traced whole
+    or with some modules kept as they are, more when their children were traced separately."""
+    call_depths: dict[str, int] = field(default_factory=dict, repr=False)
+    """How many module calls enclose each block's call (a shared module registered near the root may be
+    called deep inside a block); blocks missing here count their path's depth."""
 
     @property
     def block_paths(self) -> list[str]:
-        """The paths of the blocks that own sites, deepest-first, so nested owners are rewritten first."""
+        """The paths of the blocks that own sites, deepest call first, so that a block is rewritten before
+        any block whose forward calls it."""
         paths = dict.fromkeys(site.block_path for site in self.sites)
-        return sorted(paths, key=lambda p: (-(p.count(".") + 1 if p else 0), p))
+        depth = lambda p: self.call_depths.get(p, p.count(".") + 1 if p else 0)  # noqa: E731
+        return sorted(paths, key=lambda p: (-depth(p), p))
 
 
 def _matches(path: str, module: nn.Module, filters: Sequence[ModuleFilter]) -> bool:
@@ -66,17 +82,8 @@ def _matches(path: str, module: nn.Module, filters: Sequence[ModuleFilter]) -> b
     )
 
 
-def _trace_leaving_failures(model: nn.Module, options: TraceOptions) -> tuple[Any, dict[str, str], TraceOptions]:
-    """Trace the whole model, keeping each submodule that fails to trace as an opaque call."""
-    untraced: dict[str, str] = {}
-    while True:
-        try:
-            return trace(model, options), untraced, options
-        except TraceError as error:
-            if not error.module_path or error.module_path in untraced:
-                raise
-            untraced[error.module_path] = error.reason
-            options = options.with_leaf_paths([error.module_path])
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
 
 
 def plan_stochastic_depth(
@@ -89,35 +96,58 @@ def plan_stochastic_depth(
     exclude: Sequence[ModuleFilter] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> SurgeryPlan:
     """Trace ``model`` and plan stochastic depth on each residual branch, rates rising with depth.
 
     Additions owned by one block module share a depth index and a rate; additions written in the model's
     own forward are one block each. ``include``/``exclude`` keep or drop sites by their block's path glob
-    or class. Raises ``TraceError`` if the model's own forward does not trace and ``ValueError`` for a bad
-    ``p_max`` or schedule. The model is not changed.
+    or class. ``example_inputs`` (default: a random input of the model's known input size) are used only
+    where code traces only with concrete shapes, or to order the parts when the model's own forward does
+    not trace (see the module docstring). Raises ``TraceError`` when nothing with a residual addition
+    traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The
+    model is not changed.
     """
-    _check_rate(p_max)
-    options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
-    traced, untraced, options = _trace_leaving_failures(model, options)
+    from .verify import default_example_inputs
 
-    adds = find_residual_adds(traced.graph, model, nested=nested)
-    adds = [
-        a for a in adds
-        if (include is None or _matches(a.block_path, model.get_submodule(a.block_path), include))
-        and not _matches(a.block_path, model.get_submodule(a.block_path), exclude)
-    ]
-    block_keys = list(dict.fromkeys(_block_key(a) for a in adds))
+    _check_rate(p_max)
+    if example_inputs is None:
+        example_inputs = default_example_inputs(model)
+    elif isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
+    traced = trace_model(model, options, example_inputs)
+
+    adds: list[tuple[str, ResidualAdd, int]] = []  # (block path in the model, add, ordinal)
+    call_depths: dict[str, int] = {}
+    found: dict[int, dict] = {}
+    ordinals: dict[int, dict] = {}
+    for part, node in execution_order(traced.root):
+        if id(part) not in found:
+            module = model.get_submodule(part.path)
+            found[id(part)] = {a.add: a for a in find_residual_adds(part.trace.graph, module, nested=nested)}
+            ordinals[id(part)] = _own_add_ordinals(part.trace.graph)
+        a = found[id(part)].get(node)
+        if a is None:
+            continue
+        path = _join(part.path, a.block_path)
+        block = model.get_submodule(path)
+        if (include is None or _matches(path, block, include)) and not _matches(path, block, exclude):
+            adds.append((path, a, ordinals[id(part)][node]))
+            part_depth = part.path.count(".") + 1 if part.path else 0
+            call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
+    if not adds and traced.root_error is not None:
+        raise traced.root_error
+    block_keys = list(dict.fromkeys(_block_key(path, a) for path, a, _ in adds))
     rates = drop_rates(schedule, p_max, len(block_keys))
     depth_of = {key: index for index, key in enumerate(block_keys)}
 
-    ordinals = _own_add_ordinals(traced.graph)
     sites = []
-    for a in adds:
-        depth = depth_of[_block_key(a)]
+    for path, a, ordinal in adds:
+        depth = depth_of[_block_key(path, a)]
         sites.append(
             ResidualSite(
-                block_path=a.block_path,
+                block_path=path,
                 add=a.add.name,
                 branch=a.branch.name,
                 skip=a.skip.name,
@@ -125,16 +155,19 @@ def plan_stochastic_depth(
                 depth=depth,
                 drop_rate=rates[depth],
                 existing=_describe(a.existing),
-                ordinal=ordinals[a.add],
+                ordinal=ordinal,
                 branch_operand=add_operands(a.add).index(a.branch),
             )
         )
-    return SurgeryPlan(sites, len(block_keys), untraced, traced.module_calls, options)
+    return SurgeryPlan(
+        sites, len(block_keys), traced.untraced, traced.all_calls(), traced.merged_options(), traced.specialised,
+        [part.path for part in traced.parts()], call_depths,
+    )
 
 
-def _block_key(a: ResidualAdd) -> str:
+def _block_key(path: str, a: ResidualAdd) -> str:
     # Additions in the model's own forward each count as a block of their own.
-    return a.block_path if a.block_path else f"::{a.add.name}"
+    return path if path else f"::{a.add.name}"
 
 
 def _describe(node) -> str | None:
@@ -167,6 +200,7 @@ def find_residual_sites(
     exclude: Sequence[ModuleFilter] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
+    example_inputs: torch.Tensor | tuple | None = None,
 ) -> list[ResidualSite]:
     """The residual sites of ``model`` with their depth and planned rate, without changing anything.
 
@@ -174,5 +208,5 @@ def find_residual_sites(
     """
     return plan_stochastic_depth(
         model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
     ).sites

@@ -5,11 +5,15 @@ An addition is a residual site when
     shape-only tensors such as attention masks built with ``new_zeros`` are not residuals),
   * they share an ancestor (sums of paths from different inputs are not residuals),
   * one operand is the skip: the operand the other was computed from (identity shortcut) or, when both
-    leave a common fork, the strictly cheaper path (projection shortcut), judged by the graph and never by
+    leave a common fork, the strictly shallower path within the owning block, the one with fewer
+    parametrised layers (projection shortcut); paths of equal depth are a multi-branch sum (Inception,
+    re-parameterisable convolutions, two classifier heads), not a residual. Judged by the graph, never by
     operand position,
   * the branch, the nodes that lead to the branch operand but not to the skip, holds parameters
     (parameter-free polynomials such as tanh-GELU's ``x + 0.044715 * x**3`` are not residuals).
-A site whose addition lies inside another site's branch is nested; nested sites are dropped unless asked for.
+By default only trunk residuals are kept: a site whose addition lies inside other sites' branches, with its
+result used only there, is nested (:func:`is_nested`), and a light site inside a block that owns residuals
+of its own is part of that block (:func:`is_sub_block`). docs/residual-rules.md explains the rules.
 """
 
 from __future__ import annotations
@@ -96,11 +100,40 @@ def _parameter_count(nodes: set[fx.Node], root: nn.Module) -> int:
     return count
 
 
+def _layer_count(nodes: set[fx.Node], root: nn.Module) -> int:
+    """How many parametrised layers ``nodes`` hold: module calls with parameters, and function or method
+    calls that take a parameter (``F.linear(x, self.weight)``, a layer scale ``self.gamma * x``)."""
+    count = 0
+    for node in nodes:
+        if node.op == "call_module":
+            count += next(root.get_submodule(node.target).parameters(), None) is not None
+        elif node.op in ("call_function", "call_method"):
+            count += any(
+                n.op == "get_attr" and isinstance(_resolve_attr(root, n.target), nn.Parameter)
+                for n in node.all_input_nodes
+            )
+    return count
+
+
 def _resolve_attr(root: nn.Module, target: str) -> object:
     value: object = root
     for part in target.split("."):
         value = getattr(value, part, None)
     return value
+
+
+def _inside(node: fx.Node, block_path: str) -> bool:
+    """Whether ``node`` is computed by the forward of the module at ``block_path`` (or of one it calls)."""
+    if node.op == "placeholder":
+        return False
+    if not block_path:
+        return True
+    stack = node.meta.get("nn_module_stack") or {}
+    return any(path == block_path for path, _ in stack.values())
+
+
+def _has_input(nodes: set[fx.Node]) -> bool:
+    return any(n.op == "placeholder" for n in nodes)
 
 
 def is_stochastic_depth(node: fx.Node, root: nn.Module) -> bool:
@@ -143,10 +176,17 @@ class ResidualAdd:
     shortcut: str
     branch_nodes: frozenset[fx.Node]
     existing: fx.Node | None
+    branch_parameters: int = 0
 
 
-def classify_add(node: fx.Node, root: nn.Module, dependent: set[fx.Node]) -> ResidualAdd | None:
-    """Decide whether the addition ``node`` is a residual site (see the module docstring)."""
+def classify_add(
+    node: fx.Node, root: nn.Module, dependent: set[fx.Node], *, related_inputs: bool = False
+) -> ResidualAdd | None:
+    """Decide whether the addition ``node`` is a residual site (see the module docstring).
+
+    ``related_inputs``: the graph is a block's own, called inside a model, so its inputs all derive from the
+    model's input and count as one common ancestor (DLA passes a block its projected shortcut).
+    """
     operands = add_operands(node)
     if operands is None:
         return None
@@ -164,16 +204,20 @@ def classify_add(node: fx.Node, root: nn.Module, dependent: set[fx.Node]) -> Res
         skip, branch = b, a
     else:
         shortcut = "projection"
-        if not (ancestors_a & ancestors_b & dependent):
+        common = ancestors_a & ancestors_b & dependent
+        if not common and not (related_inputs and _has_input(ancestors_a) and _has_input(ancestors_b)):
             return None  # paths from different inputs
-        only_a, only_b = ancestors_a - ancestors_b, ancestors_b - ancestors_a
-        cost_a = (_parameter_count(only_a, root), len(only_a & dependent))
-        cost_b = (_parameter_count(only_b, root), len(only_b & dependent))
+        # Costs count only the block's own computation: the block is retrofitted (and verified) from its own
+        # trace, where whatever computed its inputs is out of sight.
+        only_a = {n for n in ancestors_a - ancestors_b if _inside(n, block_path)}
+        only_b = {n for n in ancestors_b - ancestors_a if _inside(n, block_path)}
+        cost_a, cost_b = _layer_count(only_a, root), _layer_count(only_b, root)
         if cost_a == cost_b:
             return None  # a symmetric multi-branch sum: no path is the shortcut
         skip, branch = (a, b) if cost_a < cost_b else (b, a)
     on_branch = branch_nodes(branch, skip)
-    if _parameter_count(on_branch, root) == 0:
+    branch_parameters = _parameter_count(on_branch, root)
+    if branch_parameters == 0:
         return None
     return ResidualAdd(
         add=node,
@@ -183,16 +227,62 @@ def classify_add(node: fx.Node, root: nn.Module, dependent: set[fx.Node]) -> Res
         shortcut=shortcut,
         branch_nodes=frozenset(on_branch),
         existing=existing_stochastic_depth(branch, skip, root),
+        branch_parameters=branch_parameters,
+    )
+
+
+def is_nested(inner: ResidualAdd, others: list[ResidualAdd], dependent: set[fx.Node]) -> bool:
+    """Whether ``inner`` is nested: its addition lies on the branch of other residuals and its result is used
+    only on those branches. A residual of another stream that merely feeds a branch (multi-scale models
+    exchange features between streams) is not nested: its result goes on along its own trunk."""
+    enclosing = [o for o in others if o is not inner and inner.add in o.branch_nodes]
+    if not enclosing:
+        return False
+    inside = frozenset().union(*(o.branch_nodes for o in enclosing))
+    ends = {o.add for o in enclosing}
+    seen = {inner.add}
+    stack = [inner.add]
+    while stack:
+        for user in stack.pop().users:
+            if user in ends or user in seen:
+                continue
+            if user.op == "output" or (user in dependent and user not in inside):
+                return False
+            seen.add(user)
+            stack.append(user)
+    return True
+
+
+def _enclosing_calls(add: fx.Node) -> list[str]:
+    """The modules whose calls enclose the call of the module that owns ``add`` (outermost first, root left out)."""
+    stack = add.meta.get("nn_module_stack") or {}
+    return [path for path, _ in list(stack.values())[:-1] if path]
+
+
+def is_sub_block(site: ResidualAdd, others: list[ResidualAdd]) -> bool:
+    """Whether ``site`` is part of an enclosing block: its owner is called inside the forward of a module
+    that owns residuals of its own, and its branch holds fewer parameters than each of them (a position
+    encoding ``x + dwconv(x)`` inside a transformer block). The block, not the part, is the unit that
+    stochastic depth drops; the model's own forward is no such block."""
+    by_owner: dict[str, list[int]] = {}
+    for other in others:
+        by_owner.setdefault(other.block_path, []).append(other.branch_parameters)
+    return any(
+        path in by_owner and site.branch_parameters < min(by_owner[path])
+        for path in _enclosing_calls(site.add)
+        if path != site.block_path
     )
 
 
 def find_residual_adds(graph: fx.Graph, root: nn.Module, *, nested: bool = False) -> list[ResidualAdd]:
     """All residual additions of ``graph`` (traced from ``root``) in execution order.
 
-    With ``nested=False`` an addition that lies inside another residual's branch is left out.
+    With ``nested=False`` an addition nested in another residual's branch (:func:`is_nested`) or part of an
+    enclosing block (:func:`is_sub_block`) is left out.
     """
     dependent = input_dependent_nodes(graph)
     found = [site for node in graph.nodes if (site := classify_add(node, root, dependent)) is not None]
     if nested:
         return found
-    return [site for site in found if not any(site.add in other.branch_nodes for other in found)]
+    trunk = [site for site in found if not is_nested(site, found, dependent)]
+    return [site for site in trunk if not is_sub_block(site, trunk)]

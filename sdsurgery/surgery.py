@@ -37,7 +37,9 @@ def apply_stochastic_depth(
     """Return ``model`` with stochastic depth on the branch of every residual addition.
 
     Rates follow ``schedule`` over the residual blocks by depth, up to ``p_max`` (``"linear"``:
-    ``p_max * i / (L - 1)``; ``"uniform"``; a list; or ``f(i, L)``); ``mode`` is ``"row"`` or ``"batch"``.
+    ``p_max * i / (L - 1)``; ``"uniform"``; a list; or ``f(i, L)``); ``mode`` is ``"row"`` (per-sample mask),
+    ``"batch"`` (one draw per block per step, a dropped branch is not computed) or ``"subset"`` (the branch
+    runs on a random subset of rows).
     Each block that owns an addition is replaced by its traced copy (:class:`RetrofittedBlock`) with a
     :class:`StochasticDepth` child; the rest of the model, its class, attributes, methods and
     ``state_dict()`` keys are kept. Existing stochastic depth on a branch is re-rated, never stacked. The
@@ -52,7 +54,7 @@ def apply_stochastic_depth(
     _check_mode(mode)
     plan = plan_stochastic_depth(
         model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
     )
     if not plan.sites:
         raise NoResidualSitesError(
@@ -62,7 +64,7 @@ def apply_stochastic_depth(
     if plan.untraced:
         warnings.warn(
             "sdsurgery kept these modules as they are because they do not trace: "
-            + "; ".join(f"{path} ({why})" for path, why in plan.untraced.items()),
+            + "; ".join(f"{path or '<model forward>'} ({why})" for path, why in plan.untraced.items()),
             stacklevel=2,
         )
     inputs = (example_inputs if example_inputs is not None else default_example_inputs(model)) if verify else None
@@ -88,8 +90,11 @@ def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
     done: list[RetrofittedBlock] = []
     for path in plan.block_paths:
         call = plan.module_calls.get(path)
+        original = model.get_submodule(path)
+        # A shared module is registered under several names (CoaT's position encodings): replace it everywhere.
+        aliases = [name for name, m in model.named_modules(remove_duplicate=False) if m is original and name]
         block = retrofit_block(
-            model.get_submodule(path),
+            original,
             edits[path],
             mode=mode,
             options=plan.trace_options.relative_to(path),
@@ -99,7 +104,8 @@ def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
         )
         done.append(block)
         if path:
-            model.set_submodule(path, block)
+            for alias in aliases:
+                model.set_submodule(alias, block)
         else:
             model = block
     if mode in SKIPPING_MODES:  # batch/subset: move each branch out of the train graph so drops skip its work

@@ -2,14 +2,27 @@
 
 Two kinds of trace are made: one of the whole model, to find residual additions and their order in depth,
 and one per block that owns an addition, in train and in eval mode, which becomes that block's new forward.
+
+Code that reads tensor shapes in Python (``if H == self.window_size``, ``int(math.sqrt(N))``, ``len(x.shape)``)
+does not trace symbolically. With ``TraceOptions.concrete_shapes`` every traced value also carries an example
+value, a fake tensor that has a shape but no data (computed alongside from an example input), and such code
+takes the branch the example's shapes take. Each such decision is recorded in the graph as a
+``torch._assert`` guard, so a later input that would take another branch raises instead of computing
+something else. Shapes that only flow into tensor operations stay symbolic; data-dependent control flow
+(``if x.sum() > 0``) still does not trace.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import operator
+import os
+import sys
 import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -20,7 +33,9 @@ from .errors import TraceError
 from .ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
 
 
-def _timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
+def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
+    """The functions timm registers as not traceable (empty without timm). They take tensors, not modules,
+    so recording them as single calls cannot hide a parametrised residual branch: they are always wrapped."""
     try:
         from timm.layers import get_notrace_functions
     except ImportError:
@@ -28,21 +43,70 @@ def _timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
     return tuple(fn for fn in get_notrace_functions() if callable(fn))
 
 
+def timm_leaf_modules() -> tuple[type[nn.Module], ...]:
+    """The module classes timm registers as not traceable (empty without timm). Some are whole residual
+    blocks, so they are used only for a module that does not trace otherwise."""
+    try:
+        from timm.layers import get_notrace_modules
+    except ImportError:
+        return ()
+    return tuple(m for m in get_notrace_modules() if isinstance(m, type))
+
+
+class _Unknown:
+    """The example value of a node that could not be computed."""
+
+    def __repr__(self) -> str:
+        return "<unknown>"
+
+
+UNKNOWN = _Unknown()
+
+
+@dataclass(frozen=True)
+class ShapeExamples:
+    """Example argument values (fake tensors: shapes, no data) of module calls, keyed by module path.
+
+    ``calls[path]`` binds the first call of the module at ``path`` (relative to the model) to its parameter
+    names; ``prefix`` is where the module being traced sits, so ``at("")`` is its own call.
+    """
+
+    fake_mode: Any
+    calls: Mapping[str, Mapping[str, Any]]
+    prefix: str = ""
+
+    def at(self, path: str) -> Mapping[str, Any] | None:
+        return self.calls.get(_join(self.prefix, path))
+
+    def relative_to(self, path: str) -> ShapeExamples:
+        return replace(self, prefix=_join(self.prefix, path))
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
 @dataclass(frozen=True)
 class TraceOptions:
-    """What to keep opaque while tracing.
+    """What to keep opaque while tracing, and whether shapes may be specialised.
 
     ``leaf_modules``: module classes never traced into. ``leaf_paths``: qualified module names never traced
     into. ``autowrap_functions``: functions recorded as one call instead of being traced (timm's registered
-    ones are added when timm is installed).
+    ones are added when timm is installed). ``concrete_shapes``: let Python code that reads shapes use the
+    example values in ``examples`` (see the module docstring).
     """
 
     leaf_modules: tuple[type[nn.Module], ...] = ()
     leaf_paths: frozenset[str] = frozenset()
     autowrap_functions: tuple[Callable[..., Any], ...] = ()
+    concrete_shapes: bool = False
+    examples: ShapeExamples | None = None
 
     def with_leaf_paths(self, paths: Iterable[str]) -> TraceOptions:
-        return TraceOptions(self.leaf_modules, self.leaf_paths | frozenset(paths), self.autowrap_functions)
+        return replace(self, leaf_paths=self.leaf_paths | frozenset(paths))
+
+    def with_leaf_modules(self, classes: Iterable[type[nn.Module]]) -> TraceOptions:
+        return replace(self, leaf_modules=tuple(dict.fromkeys((*self.leaf_modules, *classes))))
 
     def relative_to(self, path: str) -> TraceOptions:
         """The same options for tracing the submodule at ``path`` on its own."""
@@ -50,37 +114,79 @@ class TraceOptions:
             return self
         prefix = path + "."
         paths = frozenset(p[len(prefix):] for p in self.leaf_paths if p.startswith(prefix))
-        return TraceOptions(self.leaf_modules, paths, self.autowrap_functions)
+        examples = self.examples.relative_to(path) if self.examples is not None else None
+        return replace(self, leaf_paths=paths, examples=examples)
 
 
 @dataclass
 class ModuleCall:
-    """How a module was first called while tracing its parent: the arguments bound to its parameter names."""
+    """How a module was first called while tracing its parent: the arguments bound to its parameter names,
+    and, when tracing with example values, the example value of each argument."""
 
     arguments: dict[str, Any] = field(default_factory=dict)
+    values: dict[str, Any] | None = None
 
     def concrete_args(self) -> dict[str, Any]:
         """Arguments that were plain Python values (not traced tensors), to specialise a standalone trace on."""
         concrete = {}
         for name, value in self.arguments.items():
-            if isinstance(value, fx.Proxy):
+            if _is_traced(value):
                 continue
-            concrete[name] = pytree.tree_map(lambda v: fx.PH if isinstance(v, fx.Proxy) else v, value)
+            concrete[name] = pytree.tree_map(lambda v: fx.PH if _is_traced(v) else v, value)
         return concrete
 
 
-class SurgeryTracer(fx.Tracer):
-    """An fx tracer that keeps stochastic-depth modules as leaves and records how each module is called."""
+def _is_traced(value: Any) -> bool:
+    # Tensors stand for traced values too: a call captured by running the model holds tensors, and a
+    # tensor must never be baked into a graph as a constant.
+    return isinstance(value, (fx.Proxy, torch.Tensor))
 
-    def __init__(self, options: TraceOptions = TraceOptions(), extra_leaves: Iterable[nn.Module] = ()) -> None:
+
+class ValueProxy(fx.Proxy):
+    """A proxy that can be converted to a Python value when its tracer knows the example value."""
+
+    def __getattr__(self, k: str) -> fx.proxy.Attribute:
+        return _ValueAttribute(self, k)
+
+    def __len__(self) -> int:
+        return self.tracer.concretise(self, len)
+
+    def __int__(self) -> int:
+        return self.tracer.concretise(self, int)
+
+    def __index__(self) -> int:
+        return self.tracer.concretise(self, operator.index)
+
+    def __float__(self) -> float:
+        return self.tracer.concretise(self, float)
+
+
+class _ValueAttribute(fx.proxy.Attribute, ValueProxy):
+    pass
+
+
+class SurgeryTracer(fx.Tracer):
+    """An fx tracer that keeps stochastic-depth modules as leaves, records how each module is called and,
+    given example values, specialises shape-reading Python code on them (see the module docstring)."""
+
+    def __init__(
+        self,
+        options: TraceOptions = TraceOptions(),
+        extra_leaves: Iterable[nn.Module] = (),
+        example_values: Mapping[str, Any] | None = None,
+    ) -> None:
         autowrap = tuple(dict.fromkeys(
-            (*STOCHASTIC_DEPTH_FUNCTIONS, *_timm_autowrap_functions(), *options.autowrap_functions)
+            (*STOCHASTIC_DEPTH_FUNCTIONS, *timm_autowrap_functions(), *options.autowrap_functions)
         ))
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=True)
         self.options = options
         self.extra_leaves = {id(m) for m in extra_leaves}
         self.module_calls: dict[str, ModuleCall] = {}
         self.failed_module: tuple[str, str] | None = None
+        self.specialised: dict[str, str] = {}
+        self.fake_mode = options.examples.fake_mode if options.examples is not None else None
+        self.example_values = example_values if options.concrete_shapes and self.fake_mode is not None else None
+        self.computing = False  # fx patches module calls and attributes while it traces; see call_module
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.extra_leaves or module_qualified_name in self.options.leaf_paths:
@@ -90,15 +196,142 @@ class SurgeryTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        if self.computing:  # running a module on example values: its own code, not a trace
+            return forward(*args, **kwargs)
         path = self.path_of_module(m)
         if path not in self.module_calls:
-            self.module_calls[path] = ModuleCall(_bind_arguments(m, args, kwargs))
+            arguments = _bind_arguments(m, args, kwargs)
+            values = pytree.tree_map(self.value_of, arguments) if self.example_values is not None else None
+            self.module_calls[path] = ModuleCall(arguments, values)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
             if self.failed_module is None:  # the innermost module whose code raised
                 self.failed_module = (path, type(m).__name__)
             raise
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: dict[str, Any]) -> Any:
+        if self.computing:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    # Example values.
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return ValueProxy(node, self)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
+        if self.example_values is not None:
+            proxy.node.meta["example_value"] = self._compute(proxy.node)
+        return proxy
+
+    def value_of(self, value: Any) -> Any:
+        """The example value of a proxy (``UNKNOWN`` when not known); other values are returned as they are."""
+        if isinstance(value, fx.Proxy):
+            return self._node_value(value.node)
+        return value
+
+    def _node_value(self, node: fx.Node) -> Any:
+        if "example_value" not in node.meta:
+            node.meta["example_value"] = self._compute(node) if node.op == "get_attr" else UNKNOWN
+        return node.meta["example_value"]
+
+    def _compute(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self._placeholder_value(node.target.lstrip("*"))
+        if node.op == "get_attr":
+            value: Any = self.root
+            self.computing = True
+            try:
+                for part in node.target.split("."):
+                    value = getattr(value, part, UNKNOWN)
+            finally:
+                self.computing = False
+            return value
+        unknown = False
+
+        def lookup(n: fx.Node) -> Any:
+            nonlocal unknown
+            value = self._node_value(n)
+            unknown = unknown or value is UNKNOWN
+            return value
+
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lookup)
+        if unknown:
+            return UNKNOWN
+        self.computing = True
+        try:
+            with self.fake_mode, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    return self.root.get_submodule(node.target)(*args, **kwargs)
+        except Exception:  # an op fake tensors cannot run, or data-dependent: the value stays unknown
+            return UNKNOWN
+        finally:
+            self.computing = False
+        return UNKNOWN
+
+    def _placeholder_value(self, name: str) -> Any:
+        if name in self.example_values:
+            return self.example_values[name]
+        # fx names the placeholders of a structured concrete argument "name_1", "name_2", ... in the order
+        # of its flattened leaves.
+        base, _, index = name.rpartition("_")
+        if base in self.example_values and index.isdigit():
+            leaves = pytree.tree_leaves(self.example_values[base])
+            if 0 < int(index) <= len(leaves):
+                return leaves[int(index) - 1]
+        return UNKNOWN
+
+    def concretise(self, proxy: fx.Proxy, convert: Callable[[Any], Any]) -> Any:
+        """``convert(value)`` of a proxy's example value, guarded in the graph; ``TraceError`` without one."""
+        value = self.value_of(proxy) if self.example_values is not None else UNKNOWN
+        if value is UNKNOWN or isinstance(value, torch.Tensor):  # tensors hold data: never concretised
+            raise fx.proxy.TraceError("symbolically traced variables cannot be used as inputs to control flow")
+        result = convert(value)
+        where = _user_location()
+        path = next(reversed(self.module_stack.values()))[0] if self.module_stack else ""
+        self.specialised.setdefault(path, where)
+        if convert is bool:
+            condition = proxy if result else self.create_proxy("call_function", operator.not_, (proxy,), {})
+        elif convert is len:
+            condition = self.create_proxy(
+                "call_function", operator.eq, (self.create_proxy("call_function", len, (proxy,), {}), result), {}
+            )
+        else:  # int(), float(), index(): the value itself is what the code went on with
+            condition = self.create_proxy("call_function", operator.eq, (proxy, value), {})
+        message = (
+            f"sdsurgery specialised this block on its example input's shapes ({where}: {convert.__name__} was "
+            f"{result!r}); retrofit it with an example input of the shape you run it on"
+        )
+        self.create_proxy("call_function", torch._assert, (condition, message), {})
+        return result
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        return self.concretise(obj, bool)
+
+    def iter(self, obj: fx.Proxy) -> Iterator:
+        length = self.concretise(obj, len)
+        return (obj[i] for i in range(length))
+
+
+def _user_location() -> str:
+    """``file:line`` of the innermost frame outside torch and sdsurgery: the model code being traced."""
+    here = os.path.dirname(__file__)
+    torch_dir = os.path.dirname(torch.__file__)
+    frame = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith((here, torch_dir)) and "<" not in filename:
+            parts = filename.replace(os.sep, "/").split("/")
+            return f"{'/'.join(parts[-2:])}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
 
 
 def _bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -114,14 +347,40 @@ def _bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
     return {k: v for k, v in bound.arguments.items() if signature.parameters[k].kind not in variadic}
 
 
+def bind_example_inputs(module: nn.Module, example_inputs: tuple) -> dict[str, Any]:
+    """Positional example inputs of ``module`` bound to its forward's parameter names."""
+    return _bind_arguments(module, tuple(example_inputs), {})
+
+
+def new_fake_mode() -> Any:
+    """A fake-tensor mode that accepts real parameters and buffers (converted on the fly, never changed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def to_fake(fake_mode: Any, value: Any) -> Any:
+    """``value`` with every tensor replaced by a fake tensor of the same shape, dtype and device."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    def convert(v: Any) -> Any:
+        if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor):
+            return fake_mode.from_tensor(v)
+        return v
+
+    return pytree.tree_map(convert, value)
+
+
 @dataclass
 class Trace:
-    """A traced graph, the calls its tracer saw (keyed by qualified module name relative to the root) and
-    the tensor constants its ``get_attr`` nodes name (fx would have stored them on the traced module)."""
+    """A traced graph, the calls its tracer saw (keyed by qualified module name relative to the root), the
+    tensor constants its ``get_attr`` nodes name (fx would have stored them on the traced module) and the
+    modules whose code was specialised on example shapes (path -> ``file:line``)."""
 
     graph: fx.Graph
     module_calls: dict[str, ModuleCall]
     constants: dict[str, torch.Tensor]
+    specialised: dict[str, str] = field(default_factory=dict)
 
 
 def trace(
@@ -134,12 +393,14 @@ def trace(
 ) -> Trace:
     """Trace ``module`` in its current train/eval mode; raise ``TraceError`` naming the module that failed.
 
-    ``path`` is the module's qualified name in the model, used only in error messages.
+    ``path`` is the module's qualified name in the model, used only in error messages. The module and its
+    descendants are left exactly as they were (attributes, buffers), whatever the traced code wrote.
     """
-    tracer = SurgeryTracer(options, extra_leaves)
+    examples = options.examples.at("") if options.examples is not None else None
+    tracer = SurgeryTracer(options, extra_leaves, examples)
     attributes_before = set(vars(module))
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):
             warnings.simplefilter("ignore")  # fx warns for every specialised argument it cannot assert on
             graph = tracer.trace(module, concrete_args=concrete_args or None)
     except Exception as error:
@@ -150,7 +411,37 @@ def trace(
         # fx stores tensor constants on the traced module; take them back off so tracing changes nothing.
         constants = {name: vars(module).pop(name) for name in set(vars(module)) - attributes_before}
     _restore_specialised_names(graph, concrete_args or {})
-    return Trace(graph, tracer.module_calls, constants)
+    return Trace(graph, tracer.module_calls, constants, tracer.specialised)
+
+
+@contextmanager
+def _unchanged(root: nn.Module, *, buffers: bool) -> Iterator[None]:
+    """Undo what traced code writes on the root's descendants: attributes it sets or containers it fills (a
+    cache such as ``self.rel_indices = ...`` or ``self.bias_cache[key] = ...`` would otherwise keep a proxy)
+    and, with ``buffers``, buffer contents that modules run on example values update in place."""
+    modules = [m for _, m in root.named_modules(remove_duplicate=True) if m is not root]
+    saved = [(m, dict(vars(m)), {k: _shallow(v) for k, v in vars(m).items()}) for m in modules]
+    contents = [(b, b.detach().clone()) for b in root.buffers()] if buffers else []
+    try:
+        yield
+    finally:
+        for m, attributes, containers in saved:
+            m.__dict__.clear()
+            m.__dict__.update(attributes)
+            for name, copy in containers.items():
+                if copy is not None:
+                    original = attributes[name]
+                    original.clear()
+                    original.update(copy) if isinstance(original, (dict, set)) else original.extend(copy)
+        with torch.no_grad():
+            for buffer, value in contents:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+def _shallow(value: Any) -> Any:
+    """A shallow copy of a plain dict, list or set attribute (``_modules``, ``_buffers``, caches), else None."""
+    return copy.copy(value) if isinstance(value, (dict, list, set)) else None
 
 
 def _restore_specialised_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:

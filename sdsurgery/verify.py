@@ -206,14 +206,17 @@ class _SiteProbe(fx.Interpreter):
         return result
 
 
-def _site_add(sd_node: fx.Node, block: nn.Module, dependent: set[fx.Node]) -> ResidualAdd | None:
+def _site_add(
+    sd_node: fx.Node, block: nn.Module, dependent: set[fx.Node], related_inputs: bool = False
+) -> ResidualAdd | None:
     """The residual addition a stochastic-depth node feeds (through single-use ops such as layer scale),
-    with its skip and branch told apart by the same graph rules as the pass, independently of the node."""
+    with its skip and branch told apart by the same graph rules as the pass, independently of the node.
+    ``related_inputs``: the block is called inside the model, so its inputs share the model's input."""
     node = sd_node
     while len(node.users) == 1:
         user = next(iter(node.users))
         if add_operands(user) is not None:
-            return classify_add(user, block, dependent)
+            return classify_add(user, block, dependent, related_inputs=related_inputs)
         node = user
     return None
 
@@ -246,7 +249,7 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleInputs) -> list[SiteChec
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
         dependent = input_dependent_nodes(graph)
         sites = {
-            node: _site_add(node, block, dependent)
+            node: _site_add(node, block, dependent, related_inputs=bool(path))
             for node in graph.find_nodes(op="call_module")
             if isinstance(block.get_submodule(node.target), StochasticDepth)
         }

@@ -1,0 +1,275 @@
+"""Tracing a whole model so that it copes with code torch.fx cannot trace, and saying what it did.
+
+Each step is used only where the step before fails:
+
+1. the model is traced with torch.fx (timm's helper functions recorded as single calls);
+2. if that fails, it is traced again on example values, so that Python code reading shapes takes the
+   example's branch (guarded, see :mod:`.tracing`); the modules that needed it are *specialised*;
+3. a module that still fails is kept whole, as one call: with every instance of its class when the class
+   is one of timm's registered non-traceable modules, else by its path;
+4. a module kept whole because its *own* forward fails — the model itself included — has its children
+   traced separately (recursively), and the parts that trace are retrofitted in place. The parts of a
+   module are ordered by when the forward first calls them, learned from one run of the model on the
+   example input; :func:`execution_order` splices them in where their module is called, so that all parts
+   share one depth numbering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from .errors import TraceError
+from .ops import STOCHASTIC_DEPTH_MODULES
+from .tracing import (
+    ModuleCall,
+    ShapeExamples,
+    Trace,
+    TraceOptions,
+    _bind_arguments,
+    _unchanged,
+    bind_example_inputs,
+    new_fake_mode,
+    timm_leaf_modules,
+    to_fake,
+    trace,
+)
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+@dataclass
+class Part:
+    """A module traced as a root of its own (``trace``), or kept whole because its own forward does not
+    trace (``trace is None``). ``inner`` holds the parts of the modules kept whole inside it whose children
+    were traced separately, by path in the model. ``options`` are relative to the part."""
+
+    path: str
+    trace: Trace | None
+    options: TraceOptions
+    inner: dict[str, Part] = field(default_factory=dict)
+
+
+@dataclass
+class TracedModel:
+    """A model traced as well as it goes: the tree of parts, and what tracing had to do."""
+
+    model: nn.Module
+    options: TraceOptions
+    """Relative to the model; the example values of every module call seen so far."""
+    example_inputs: tuple | None
+    root: Part | None = None
+    untraced: dict[str, str] = field(default_factory=dict)
+    """Modules kept as they are, with the reason ('' is the model's own forward)."""
+    specialised: dict[str, str] = field(default_factory=dict)
+    """Modules traced with the example's concrete shapes (path -> ``file:line``)."""
+    calls: dict[str, ModuleCall] = field(default_factory=dict)
+    """The first call of every module the model's forward reached, by path in the model."""
+    order: dict[str, int] | None = None
+    """When each module is first called, from one run of the model (``None`` until a part needs it)."""
+    root_error: TraceError | None = None
+
+    def parts(self) -> list[Part]:
+        """The traced parts, in execution order."""
+        seen: dict[int, Part] = {}
+        for part, _ in execution_order(self.root):
+            seen.setdefault(id(part), part)
+        return list(seen.values())
+
+    def merged_options(self) -> TraceOptions:
+        """One set of options, relative to the model, that traces every part as it was traced."""
+        options = self.options
+        examples = dict(options.examples.calls) if options.examples is not None else None
+        for part in _traced_parts(self.root):
+            o = part.options
+            options = replace(
+                options,
+                leaf_modules=tuple(dict.fromkeys((*options.leaf_modules, *o.leaf_modules))),
+                leaf_paths=options.leaf_paths | {_join(part.path, p) for p in o.leaf_paths},
+                concrete_shapes=options.concrete_shapes or o.concrete_shapes,
+            )
+            if examples is not None:
+                for path, call in part.trace.module_calls.items():
+                    if call.values is not None:
+                        examples.setdefault(_join(part.path, path), call.values)
+        if examples is not None:
+            options = replace(options, examples=replace(options.examples, calls=examples))
+        return options
+
+    def all_calls(self) -> dict[str, ModuleCall]:
+        """The first call of every module, from the traces and from the run of the model."""
+        calls = dict(self.calls)
+        for part in _traced_parts(self.root):
+            for path, call in part.trace.module_calls.items():
+                calls.setdefault(_join(part.path, path), call)
+        return calls
+
+
+def _traced_parts(part: Part | None) -> Iterator[Part]:
+    if part is None:
+        return
+    if part.trace is not None:
+        yield part
+    for inner in part.inner.values():
+        yield from _traced_parts(inner)
+
+
+def execution_order(root: Part | None) -> Iterator[tuple[Part, fx.Node]]:
+    """Every node of every traced part, in execution order: the parts of a module kept whole are spliced
+    in where that module is first called."""
+    if root is None:
+        return
+    if root.trace is None:
+        for inner in root.inner.values():
+            yield from execution_order(inner)
+        return
+    pending = dict(root.inner)
+    for node in root.trace.graph.nodes:
+        yield root, node
+        if node.op == "call_module":
+            inner = pending.pop(_join(root.path, node.target), None)
+            if inner is not None:
+                yield from execution_order(inner)
+    for inner in pending.values():  # called only from inside another kept module
+        yield from execution_order(inner)
+
+
+def trace_model(model: nn.Module, options: TraceOptions, example_inputs: tuple | None) -> TracedModel:
+    """Trace ``model`` in steps 1-4 of the module docstring; never raises for code that does not trace."""
+    if example_inputs is not None:
+        fake_mode = new_fake_mode()
+        root_values = to_fake(fake_mode, bind_example_inputs(model, example_inputs))
+        options = replace(options, examples=ShapeExamples(fake_mode, {"": root_values}))
+    traced = TracedModel(model, options, example_inputs)
+    traced.root = _trace_part(traced, "")
+    return traced
+
+
+def _trace_part(traced: TracedModel, path: str) -> Part:
+    try:
+        part = _trace_coping(traced, path)
+    except TraceError as error:
+        traced.untraced[path] = error.reason
+        if not path:
+            traced.root_error = error
+        return _split(traced, path)
+    for kept in part.options.leaf_paths:
+        kept_path = _join(path, kept)
+        if kept_path in traced.untraced:
+            part.inner[kept_path] = _split(traced, kept_path)
+    return part
+
+
+def _split(traced: TracedModel, path: str) -> Part:
+    """The parts of a module kept whole: its children, traced separately, in the order they are called."""
+    _capture_calls(traced)
+    module = traced.model.get_submodule(path)
+    children = []
+    for name, child in module.named_children():
+        child_path = _join(path, name)
+        if isinstance(child, STOCHASTIC_DEPTH_MODULES) or next(child.parameters(), None) is None:
+            continue  # no parameters: no residual branch can be in it
+        if traced.order is not None and not any(p == child_path or p.startswith(child_path + ".") for p in traced.order):
+            continue  # the forward never calls it, nor anything in it
+        children.append(child_path)
+    if traced.order is not None:
+        first_call = {c: min((i for p, i in traced.order.items() if p == c or p.startswith(c + ".")), default=0)
+                      for c in children}
+        children.sort(key=first_call.__getitem__)
+    part = Part(path, None, traced.options.relative_to(path))
+    for child_path in children:
+        if traced.order is not None and child_path not in traced.order:
+            part.inner[child_path] = _split(traced, child_path)  # a container the forward only indexes
+        else:
+            part.inner[child_path] = _trace_part(traced, child_path)
+    return part
+
+
+def _trace_coping(traced: TracedModel, path: str) -> Part:
+    """Trace the module at ``path`` as a root, in steps 1-3. Raises ``TraceError`` when the module's own
+    forward does not trace."""
+    module = traced.model.get_submodule(path)
+    options = traced.options.relative_to(path)
+    untraced: dict[str, str] = {}
+    timm_leaves: dict[type[nn.Module], str] = {}
+    while True:
+        try:
+            result = trace(module, options, path=path)
+            break
+        except TraceError as error:
+            if not options.concrete_shapes and options.examples is not None and options.examples.at("") is not None:
+                options = replace(options, concrete_shapes=True)
+                continue
+            if error.module_path == path or error.module_path in untraced:
+                raise
+            inner = error.module_path[len(path) + 1:] if path else error.module_path
+            cls = type(module.get_submodule(inner))
+            if cls in timm_leaf_modules() and cls not in options.leaf_modules:
+                timm_leaves[cls] = error.reason
+                options = options.with_leaf_modules([cls])
+            else:
+                untraced[error.module_path] = error.reason
+                options = options.with_leaf_paths([inner])
+    for node in result.graph.find_nodes(op="call_module"):
+        cls = type(module.get_submodule(node.target))
+        if cls in timm_leaves:
+            untraced[_join(path, node.target)] = f"timm registers {cls.__name__} as not traceable ({timm_leaves[cls]})"
+    traced.untraced.update(untraced)
+    traced.specialised.update({_join(path, p): where for p, where in result.specialised.items()})
+    return Part(path, result, options)
+
+
+def _capture_calls(traced: TracedModel) -> None:
+    """Record every module's first call (arguments as example values) and the order of first calls, from
+    one forward on the example input: on fake tensors when the code allows, else on the real input."""
+    examples = traced.options.examples
+    if traced.order is not None or examples is None or traced.example_inputs is None:
+        return
+    model, fake_mode = traced.model, examples.fake_mode
+    names = {id(m): n for n, m in model.named_modules()}
+    calls: dict[str, ModuleCall] = {}
+    order: dict[str, int] = {}
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        path = names.get(id(module))
+        if path is not None and path not in order:
+            order[path] = len(order)
+            arguments = _bind_arguments(module, args, kwargs)
+            calls[path] = ModuleCall(arguments, to_fake(fake_mode, arguments))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+    try:
+        for run in (_run_fake, _run_real):
+            calls.clear()
+            order.clear()
+            try:
+                with torch.no_grad(), _unchanged(model, buffers=True):
+                    run(model, traced.example_inputs, fake_mode)
+                break
+            except Exception:  # data-dependent code does not run on fake tensors: run the real input
+                continue
+        else:
+            return
+    finally:
+        for handle in handles:
+            handle.remove()
+    traced.calls.update(calls)
+    traced.order = order
+    values = {path: call.values for path, call in calls.items()}
+    traced.options = replace(traced.options, examples=replace(examples, calls={**values, **examples.calls}))
+
+
+def _run_fake(model: nn.Module, inputs: tuple, fake_mode: Any) -> None:
+    fake_inputs = to_fake(fake_mode, inputs)
+    with fake_mode:
+        model(*fake_inputs)
+
+
+def _run_real(model: nn.Module, inputs: tuple, fake_mode: Any) -> None:
+    model(*inputs)
