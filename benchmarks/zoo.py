@@ -1,0 +1,576 @@
+"""Zoo sweep: retrofit every torchvision classifier and one small model per timm architecture module.
+
+Each model runs in its own subprocess with a time limit. For each: how it traced (whole / partial / failed,
+with the reason), the number of sites and blocks, the verifier's result, the surgery time and, for timm
+families with native drop path, whether our placement equals timm's. Writes a Markdown report and a CSV.
+
+    python benchmarks/zoo.py                      # the full sweep -> docs/zoo.md, docs/zoo.csv
+    python benchmarks/zoo.py --only resnet18 tiny_vit_5m_224 --out /tmp/zoo   # a few models
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+P_MAX = 0.1
+OFF_RESIDUAL = "differs (off-residual):"  # timm drops paths that no residual addition adds
+BATCH = 2
+# Models this large (parameters, or input side in pixels) run with batch 1 to keep the sweep under an hour.
+LARGE_PARAMS_M, LARGE_SIDE = 100, 384
+MEMORY_BUDGET_GIB = 24
+# Peak memory is about this many fp32 copies of the weights: the original, the retrofitted copy, the copies
+# the verifier trains at rate 0 and, for timm, the native drop-path model; activations come on top.
+WEIGHT_COPIES = 5
+
+# One small model per timm architecture module (the smallest that builds with its default config). A module
+# missing here (a newer timm) falls back to its first registered model.
+TIMM_REPRESENTATIVES = {
+    "beit": "beit_base_patch16_224", "byoanet": "halonet26t", "byobnet": "gernet_s", "cait": "cait_xxs24_224",
+    "coat": "coat_tiny", "convit": "convit_tiny", "convmixer": "convmixer_768_32", "convnext": "convnext_atto",
+    "cpubone": "cpubone_nano", "crossvit": "crossvit_tiny_240", "csatv2": "csatv2", "cspnet": "cs3darknet_s",
+    "cspnext": "cspnext_tiny", "davit": "davit_tiny", "deepseek_vit": "deepseek_vit_412m",
+    "deit": "deit_tiny_patch16_224", "densenet": "densenet121", "dla": "dla34", "dpn": "dpn68",
+    "edgenext": "edgenext_xx_small", "efficientformer": "efficientformer_l1",
+    "efficientformer_v2": "efficientformerv2_s0", "efficientnet": "efficientnet_b0",
+    "efficientvim": "efficientvim_m1", "efficientvit_mit": "efficientvit_b0", "efficientvit_msra": "efficientvit_m0",
+    "eva": "eva02_tiny_patch14_224", "fasternet": "fasternet_t0", "fastvit": "fastvit_t8",
+    "focalnet": "focalnet_tiny_lrf", "gcvit": "gcvit_xxtiny", "gemma4_vit": "gemma4_vit_167m",
+    "ghostnet": "ghostnet_050", "hardcorenas": "hardcorenas_a", "hgnet": "hgnet_tiny", "hiera": "hiera_tiny_224",
+    "hieradet_sam2": "sam2_hiera_tiny", "hrnet": "hrnet_w18_small", "iformer": "iformer_t",
+    "inception_next": "inception_next_atto", "inception_resnet_v2": "inception_resnet_v2",
+    "inception_v3": "inception_v3", "inception_v4": "inception_v4", "lcnetv2": "lcnetv2_small",
+    "levit": "levit_128s", "lowformer": "lowformer_b0", "mambaout": "mambaout_femto",
+    "maxxvit": "maxvit_pico_rw_256", "metaformer": "caformer_s18", "mlp_mixer": "mixer_s16_224",
+    "mobilenetv3": "mobilenetv3_small_100", "mobilenetv5": "mobilenetv5_300m", "mobilevit": "mobilevit_xxs",
+    "mvitv2": "mvitv2_tiny", "naflexvit": "naflexvit_base_patch16_gap", "nasnet": "nasnetalarge",
+    "nest": "nest_tiny", "nextvit": "nextvit_small", "nfnet": "nf_regnet_b0", "pit": "pit_xs_224",
+    "pnasnet": "pnasnet5large", "pvt_v2": "pvt_v2_b0", "qwen3_vit": "qwen3_vit_88m", "rdnet": "rdnet_tiny",
+    "regnet": "regnety_002", "repghost": "repghostnet_050", "repvit": "repvit_m0_9", "res2net": "res2net50d",
+    "resnest": "resnest14d", "resnet": "resnet18", "resnetv2": "resnetv2_18", "rexnet": "rexnet_100",
+    "selecsls": "selecsls42", "senet": "legacy_seresnet18", "sequencer": "sequencer2d_s", "shvit": "shvit_s1",
+    "sknet": "skresnet18", "starnet": "starnet_s1", "swiftformer": "swiftformer_xs",
+    "swin_transformer": "swin_tiny_patch4_window7_224", "swin_transformer_v2": "swinv2_tiny_window8_256",
+    "swin_transformer_v2_cr": "swinv2_cr_tiny_224", "tiny_vit": "tiny_vit_5m_224", "tnt": "tnt_s_patch16_224",
+    "tresnet": "tresnet_m", "twins": "twins_svt_small", "vgg": "vgg11", "visformer": "visformer_tiny",
+    "vision_transformer": "vit_tiny_patch16_224", "vision_transformer_hybrid": "vit_tiny_r_s16_p8_224",
+    "vision_transformer_relpos": "vit_relpos_small_patch16_224",
+    "vision_transformer_sam": "samvit_base_patch16_224", "vitamin": "vitamin_small_224", "volo": "volo_d1_224",
+    "vovnet": "ese_vovnet19b_slim", "xception": "legacy_xception", "xception_aligned": "xception41",
+    "xcit": "xcit_nano_12_p16_224",
+}
+
+
+# Why a model misses a target, found by reading the model's code (see docs/residual-rules.md). The report
+# lists every miss with its cause here, or as unexplained.
+KNOWN_CAUSES = {
+    "edgenext_xx_small": "timm also drops the XCA residual nested inside each SplitTransposeBlock's own residual "
+    "branch (two drop-path calls per block). By default only trunk residuals count (rule 5); `nested=True` "
+    "adds it.",
+    "efficientformerv2_s0": "the stage-4 `Downsample` adds an attention path to its strided convolution "
+    "(`attn(x) + conv(x)`): a projection residual by the rules (the convolution is the shallower path). timm "
+    "puts no drop path in downsampling layers; `exclude=['stages.*.downsample']` does the same.",
+    "efficientvim_m1": "the downsampling layers between stages hold depthwise-convolution residuals "
+    "(`x + dwconv(x)`) on the trunk. timm puts no drop path in them; `exclude=['stages.*.downsample']`.",
+    "fastvit_t8": "each stage's patch embedding ends in a MobileOne block whose identity batch norm makes it a "
+    "residual (`bn(x) + conv(x)`). timm puts no drop path in patch embeddings; "
+    "`exclude=['stages.*.downsample.*']`.",
+    "gcvit_xxtiny": "the downsampling `ReduceSize` layers and the global-query `FeatureBlock`s hold MBConv "
+    "residuals (`x + conv_block(x)`) that timm gives no drop path; "
+    "`exclude=['stages.*.downsample.*', 'stages.*.global_block.*']`.",
+    "mobilevit_xxs": "timm calls drop path on the output of the stride-2 bottleneck blocks that have no shortcut "
+    "(in training it zeroes those blocks' whole output for the dropped samples); there is no residual "
+    "addition there to put stochastic depth on. Every residual block matches timm.",
+    "tnt_s_patch16_224": "each block adds the projected pixel stream into the patch stream "
+    "(`patch[:, 1:] + proj(norm(pixel))`): a residual of the patch stream by the rules, which timm does not "
+    "drop (ours 5 calls per block, timm 4).",
+    "twins_svt_small": "the position-encoding convolutions `pos_block.*` (`x + dwconv(x)`) are called from the "
+    "model's own forward between blocks: residuals on the trunk by the rules, where timm puts no drop path; "
+    "`exclude=['pos_block.*']`.",
+    "ese_vovnet19b_slim": "VoVNet has no residual addition in this configuration; timm drops the paths that its "
+    "one-shot-aggregation blocks concatenate. Stochastic depth on a concatenated path is not a residual drop.",
+    "rdnet_tiny": "RDNet is a densely concatenating network with no residual addition; timm drops the paths it "
+    "concatenates. Stochastic depth on a concatenated path is not a residual drop.",
+}
+
+
+@dataclass
+class Row:
+    """One model's result; every field is a CSV column."""
+
+    zoo: str
+    family: str
+    model: str
+    params_m: float = 0.0
+    batch: int = BATCH
+    status: str = ""  # whole | partial | failed | no-residual | skipped | timeout | crashed
+    reason: str = ""
+    sites: int = 0
+    blocks: int = 0
+    untraced: int = 0
+    specialised: int = 0
+    verified: str = ""  # ok | FAILED: ... | not run
+    eval_max_abs_diff: float = math.nan
+    surgery_s: float = math.nan
+    native_rule: str = ""  # linear | uniform | i/N | other | none (no native drop path)
+    placement: str = ""  # equal | differs: ... | n/a
+    rates: str = ""  # equal | differs | n/a (...)
+    total_s: float = math.nan
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model list.
+
+
+def timm_models() -> list[tuple[str, str]]:
+    import timm.models
+
+    return [(m, TIMM_REPRESENTATIVES.get(m) or timm.list_models(module=m)[0]) for m in timm.models.list_modules()]
+
+
+def torchvision_models() -> list[str]:
+    import torchvision
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def all_jobs() -> list[tuple[str, str, str]]:
+    return [("torchvision", "torchvision", n) for n in torchvision_models()] + [
+        ("timm", family, n) for family, n in timm_models()
+    ]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The worker: one model, in its own process.
+
+
+def _build(zoo: str, name: str, **kwargs):
+    import torch
+
+    torch.manual_seed(0)
+    if zoo == "timm":
+        import timm
+
+        return timm.create_model(name, **kwargs)
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _params_m(zoo: str, name: str) -> float:
+    """Parameter count in millions, without allocating the weights where the constructor allows."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = _build(zoo, name)
+    except Exception:  # an initialiser that reads values (torchvision's RegNet)
+        model = _build(zoo, name)
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _drop_path_calls(model, kinds, rate_of, batch: int) -> dict[str, list[float]]:
+    """block path -> rates of the non-zero drop-path calls one train forward makes, in call order."""
+    import torch
+
+    names = {m: n for n, m in model.named_modules()}
+    calls: dict[str, list[float]] = defaultdict(list)
+
+    def hook(module, args, output):
+        if rate_of(module) > 0:
+            calls[names[module].rpartition(".")[0]].append(rate_of(module))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    try:
+        x = torch.randn(batch, *model.pretrained_cfg["input_size"], generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            model.train()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return dict(calls)
+
+
+def _zero_rate_slots(model, kind) -> set[str]:
+    """Blocks where timm built its drop path with rate 0: timm's convention is an ``nn.Identity`` in the
+    attribute a ``DropPath`` would hold (``drop_path``, ``drop_path1``, ``mhsa_drop_path``, ...)."""
+    from torch import nn
+
+    slots = set()
+    for name, module in model.named_modules():
+        block, _, attribute = name.rpartition(".")
+        if "drop_path" in attribute.lower() and isinstance(module, (nn.Identity, kind)):
+            slots.add(block)
+    return slots
+
+
+def _native_rule(rates: list[float], p: float) -> str:
+    """The rule behind timm's non-zero per-block rates, in timm's call order (a first, zero, block left out)."""
+    if not rates:
+        return "none"
+    if all(math.isclose(r, p, abs_tol=1e-6) for r in rates):
+        return "uniform"
+    if all(math.isclose(r, p * (i + 1) / len(rates), abs_tol=1e-6) for i, r in enumerate(rates)):
+        return "linear"
+    steps = [r / p for r in rates]
+    for n in range(len(rates) + 1, 4 * len(rates) + 2):  # i / N with N counting blocks that have no residual
+        ks = [s * n for s in steps]
+        if all(abs(k - round(k)) < 1e-4 for k in ks) and all(b > a for a, b in zip(ks, ks[1:])) and ks[-1] < n:
+            return "i/N"
+    return "other"
+
+
+def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[str, str, str]:
+    """(native rule, placement verdict, rates verdict) against ``timm.create_model(name, drop_path_rate=P)``."""
+    import timm
+    import torch
+    from timm.layers import DropPath
+
+    from sdsurgery import StochasticDepth, apply_stochastic_depth, plan_stochastic_depth
+
+    try:
+        native = timm.create_model(name, drop_path_rate=P_MAX)
+    except TypeError:
+        return "none (no drop_path_rate)", "n/a", "n/a"
+    if not any(isinstance(m, DropPath) for m in native.modules()):
+        return "none (no DropPath)", "n/a", "n/a"
+    native_calls = _drop_path_calls(native, DropPath, lambda m: float(m.drop_prob), batch)
+    zero_slots = _zero_rate_slots(native, DropPath) - native_calls.keys()
+    del native
+    rule = _native_rule([rates[0] for rates in native_calls.values()], P_MAX)  # in timm's call order
+    if result_linear is None:  # we found no residual addition
+        return rule, f"{OFF_RESIDUAL} no residual addition, timm drops {len(native_calls)} blocks' paths", "n/a"
+
+    sd_rate = lambda m: float(m.p)  # noqa: E731
+    uniform = apply_stochastic_depth(plain, P_MAX, schedule="uniform", verify=False)
+    ours = _drop_path_calls(uniform, StochasticDepth, sd_rate, batch)  # every site, every block
+    order = list(ours)  # our blocks in depth order (first call order)
+    depth_rates = [native_calls[b][0] for b in order if b in native_calls]
+
+    native_counts = {b: len(r) for b, r in native_calls.items()}
+    our_counts = {b: len(r) for b, r in ours.items()}
+    missing = [b for b in native_counts if b not in our_counts]
+    wrong = [b for b in native_counts if b in our_counts and our_counts[b] != native_counts[b]]
+    first_native = min((order.index(b) for b in native_counts if b in our_counts), default=len(order))
+    # Our blocks timm drops nothing in: not compared where timm's rule gives them rate 0 (a zero-rate slot,
+    # or the leading blocks of a rising schedule), else extra.
+    extra = [
+        b for i, b in enumerate(order) if b not in native_counts and b not in zero_slots and i > first_native
+    ]
+    problems = []
+    # timm blocks that hold no residual addition at all (nested ones included): timm drops a path there
+    # that nothing adds back, which no residual retrofit reproduces.
+    residual_blocks = {s.block_path for s in plan_stochastic_depth(plain, P_MAX, nested=True).sites} if missing else set()
+    off_residual = [b for b in missing if not any(r == b or r.startswith(b + ".") for r in residual_blocks)]
+    if missing and off_residual == missing and not wrong and not extra:
+        return rule, f"{OFF_RESIDUAL} {len(missing)} blocks without a residual ({', '.join(missing[:3])})", "n/a"
+    if missing:
+        problems.append(f"{len(missing)} native blocks missing ({', '.join(missing[:3])})")
+    if wrong:
+        b = wrong[0]
+        problems.append(f"{len(wrong)} blocks with other call counts ({b}: ours {our_counts[b]}, timm {native_counts[b]})")
+    if extra:
+        problems.append(f"{len(extra)} extra blocks ({', '.join(extra[:3])})")
+    placement = "equal" if not problems else "differs: " + "; ".join(problems)
+
+    if rule in ("linear", "uniform"):
+        check = result_linear if rule == "linear" else uniform
+        got = {b: sorted(r) for b, r in _drop_path_calls(check, StochasticDepth, sd_rate, batch).items()}
+        want = {b: sorted(r) for b, r in native_calls.items()}
+        same = got.keys() == want.keys() and all(
+            all(math.isclose(x, y, abs_tol=1e-6) for x, y in zip(got[b], want[b])) for b in want
+        )
+        rates = "equal" if same else "differs"
+    elif rule == "i/N":
+        rising = all(b > a for a, b in zip(depth_rates, depth_rates[1:]))
+        rates = "n/a (i/N counts blocks without a residual); depth order " + ("equal" if rising else "differs")
+    else:
+        rates = f"n/a (rule {rule})"
+    return rule, placement, rates
+
+
+def run_one(zoo: str, family: str, name: str) -> Row:
+    """Build, plan, retrofit, verify and (timm) compare one model with timm's native drop path."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _run_one(zoo, family, name)
+
+
+def _run_one(zoo: str, family: str, name: str) -> Row:
+    import sdsurgery
+    from sdsurgery import NoResidualSitesError, plan_stochastic_depth, verify
+
+    started = time.perf_counter()
+    row = Row(zoo, family, name)
+    row.params_m = round(_params_m(zoo, name), 3)
+    estimate_gib = row.params_m * 1e6 * 4 * WEIGHT_COPIES / 2**30
+    if estimate_gib > MEMORY_BUDGET_GIB:
+        row.status, row.reason = "skipped", f"about {estimate_gib:.0f} GiB of weights in copies > {MEMORY_BUDGET_GIB} GiB"
+        return row
+
+    plain = _build(zoo, name)
+    side = max(sdsurgery.default_example_inputs(plain, batch_size=1)[0].shape[-2:])
+    row.batch = 1 if row.params_m > LARGE_PARAMS_M or side > LARGE_SIDE else BATCH
+    inputs = sdsurgery.default_example_inputs(plain, batch_size=row.batch)
+    try:
+        plan = plan_stochastic_depth(plain, P_MAX, example_inputs=inputs)
+    except Exception as error:  # a TraceError names the module; anything else is reported as it is
+        row.status, row.reason = "failed", f"{type(error).__name__}: {_first_line(error)}"
+        row.total_s = round(time.perf_counter() - started, 2)
+        return row
+    row.sites, row.blocks, row.untraced = len(plan.sites), plan.num_blocks, len(plan.untraced)
+    row.specialised = len(plan.specialised)
+    row.status = "partial" if plan.untraced else "whole"
+    row.reason = "; ".join(f"{p or '<root>'}: {why}" for p, why in list(plan.untraced.items())[:3])
+    if len(plan.untraced) > 3:
+        row.reason += f"; and {len(plan.untraced) - 3} more"
+
+    t0 = time.perf_counter()
+    try:
+        result = sdsurgery.apply_stochastic_depth(plain, P_MAX, example_inputs=inputs, verify=False)
+    except NoResidualSitesError as error:
+        row.status, row.reason = "no-residual", _first_line(error)
+        if zoo == "timm":
+            row.native_rule, row.placement, row.rates = _compare_with_native(name, plain, None, row.batch)
+        row.total_s = round(time.perf_counter() - started, 2)
+        return row
+    except Exception as error:
+        row.status, row.reason = "failed", f"surgery: {type(error).__name__}: {_first_line(error)}"
+        row.total_s = round(time.perf_counter() - started, 2)
+        return row
+    row.surgery_s = round(time.perf_counter() - t0, 2)
+
+    try:
+        report = verify(plain, result, inputs)
+        row.verified = "ok" if report.ok else report.summary()
+        row.eval_max_abs_diff = report.eval_max_abs_diff
+    except Exception as error:
+        row.verified = f"FAILED: {type(error).__name__}: {_first_line(error)}"
+
+    if zoo == "timm":
+        try:
+            row.native_rule, row.placement, row.rates = _compare_with_native(name, plain, result, row.batch)
+        except Exception as error:
+            row.native_rule, row.placement = "error", f"{type(error).__name__}: {_first_line(error)}"
+    row.total_s = round(time.perf_counter() - started, 2)
+    return row
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The driver.
+
+
+def _run_in_subprocess(zoo: str, family: str, name: str, timeout: float) -> Row:
+    command = [sys.executable, os.path.abspath(__file__), "--worker", zoo, family, name]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Row(zoo, family, name, status="timeout", reason=f"over the {timeout:.0f} s limit", total_s=timeout)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("ROW "):
+            return Row(**json.loads(line[4:]))
+    tail = (done.stderr.strip().splitlines() or [f"exit code {done.returncode}"])[-1]
+    return Row(zoo, family, name, status="crashed", reason=tail[:300], total_s=round(time.perf_counter() - started, 2))
+
+
+def _is_residual_model(row: Row) -> bool:
+    return row.status in ("whole", "partial") or (row.status == "failed" and row.sites > 0)
+
+
+def summarise(rows: list[Row]) -> dict[str, str]:
+    """The headline numbers of the issue's targets."""
+    tv = [r for r in rows if r.zoo == "torchvision"]
+    tv_residual = [r for r in tv if r.status != "no-residual"]
+    tv_ok = [r for r in tv_residual if r.status in ("whole", "partial") and r.verified == "ok"]
+    tm = [r for r in rows if r.zoo == "timm"]
+    tm_residual = [r for r in tm if r.status not in ("no-residual", "skipped")]
+    tm_ok = [r for r in tm_residual if r.status in ("whole", "partial") and r.verified == "ok"]
+    native = [r for r in tm if r.placement not in ("", "n/a") and not r.native_rule.startswith("none")]
+    on_residual = [r for r in native if not r.placement.startswith(OFF_RESIDUAL)]
+    equal = [r for r in native if r.placement == "equal"]
+    pct = lambda a, b: f"{len(a)}/{len(b)} = {100 * len(a) / max(len(b), 1):.1f}%"  # noqa: E731
+    return {
+        "torchvision classifiers with residual additions, retrofitted and verified": pct(tv_ok, tv_residual),
+        "torchvision classifiers without residual additions (clear NoResidualSitesError)": str(len(tv) - len(tv_residual)),
+        "timm families with residual additions, retrofitted (whole or partial) and verified": pct(tm_ok, tm_residual),
+        "timm families without residual additions (clear NoResidualSitesError)": str(
+            sum(r.status == "no-residual" for r in tm)
+        ),
+        "timm families with native drop path whose placement equals timm's": pct(equal, native),
+        "... of those whose native drop path is on residual branches": pct(equal, on_residual),
+        "timm families skipped as too large": str(sum(r.status == "skipped" for r in tm)),
+    }
+
+
+def _miss(row: Row) -> str:
+    """Which target ``row`` misses ('' for none)."""
+    if row.status in ("no-residual", "skipped"):
+        return f"placement {row.placement}" if row.placement.startswith("differs") else ""
+    if row.status not in ("whole", "partial"):
+        return f"{row.status}: {row.reason}"
+    if row.verified != "ok":
+        return f"verifier {row.verified}"
+    if row.placement.startswith("differs") or row.native_rule == "error":
+        return f"placement {row.placement}"
+    return ""
+
+
+def _read_csv(path: Path) -> list[Row]:
+    types = {f.name: f.type for f in fields(Row)}
+    rows = []
+    with open(path, newline="") as f:
+        for record in csv.DictReader(f):
+            values = {}
+            for name, text in record.items():
+                kind = types[name]
+                if kind == "float":
+                    values[name] = float(text) if text else math.nan
+                elif kind == "int":
+                    values[name] = int(text) if text else 0
+                else:
+                    values[name] = text
+            rows.append(Row(**values))
+    return rows
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:g}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "zoo.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([f.name for f in fields(Row)])
+        for row in rows:
+            writer.writerow([_cell(v) for v in asdict(row).values()])
+
+    import timm
+    import torch
+    import torchvision
+
+    lines = [
+        "# Zoo coverage",
+        "",
+        f"Generated by `{command}` in {wall_s / 60:.1f} min on {platform.machine()} CPU "
+        f"(torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}), "
+        f"p_max = {P_MAX}, batch {BATCH} (1 above {LARGE_PARAMS_M} M parameters or {LARGE_SIDE} px), random weights. Columns are explained at the end; "
+        "[residual-rules.md](residual-rules.md) explains what counts as a site and what *partial* means.",
+        "",
+        "## Targets",
+        "",
+        *[f"- {k}: **{v}**" for k, v in summarise(rows).items()],
+        "",
+        f"Statuses: {dict(Counter(r.status for r in rows))}",
+        "",
+    ]
+    lines += ["## Misses and their causes", ""]
+    for r in rows:
+        miss = _miss(r)
+        if miss:
+            cause = KNOWN_CAUSES.get(r.model, "**unexplained**")
+            lines.append(f"- **{r.model}** ({r.zoo} {r.family}): {miss}. Cause: {cause}")
+    lines.append("")
+    headers = ["model", "params M", "batch", "status", "sites", "blocks", "untraced", "specialised", "verifier",
+               "surgery s", "native rule", "placement vs timm", "rates", "reason / untraced modules"]
+    for zoo in ("torchvision", "timm"):
+        lines += [f"## {zoo}", "", "| " + ("family | " if zoo == "timm" else "") + " | ".join(headers) + " |",
+                  "|" + "---|" * (len(headers) + (zoo == "timm"))]
+        for r in (r for r in rows if r.zoo == zoo):
+            cells = [r.model, r.params_m, r.batch, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
+                     r.surgery_s, r.native_rule, r.placement, r.rates, r.reason]
+            lines.append("| " + (f"{r.family} | " if zoo == "timm" else "") + " | ".join(map(_cell, cells)) + " |")
+        lines.append("")
+    lines += [
+        "## Columns",
+        "",
+        "- **status**: `whole` — the whole model traced; `partial` — some modules did not trace and were kept "
+        "as they are (listed in the last column, with the reason; their own residuals are not retrofitted); "
+        "`failed` — nothing could be traced; `no-residual` — `NoResidualSitesError`, the model has no residual "
+        "addition; `skipped` — too large for this machine; `timeout` / `crashed` — the worker did not finish.",
+        "- **sites / blocks**: residual additions that got stochastic depth, and the blocks (depth indices) "
+        "they belong to. **untraced**: modules kept as they are. **specialised**: modules whose forward only "
+        "traced with the example input's concrete shapes (guarded, see residual-rules.md).",
+        "- **verifier**: `sdsurgery.verify` on a random input: eval outputs bit-equal, train outputs equal "
+        "at rate 0, and every site drops to its skip.",
+        "- **surgery s**: wall time of `apply_stochastic_depth(model, p_max, verify=False)` (trace, plan, rewrite).",
+        f"- **native rule / placement / rates** (timm only): `timm.create_model(name, drop_path_rate={P_MAX})` "
+        "is run in train mode with a hook on every `DropPath`; the blocks whose drop path is called with a "
+        "non-zero rate, and the number of calls per block, are compared with ours (applied with the uniform "
+        "schedule so that every site is called). Blocks where timm's own rule gives rate 0 are not compared: "
+        "blocks holding timm's rate-0 placeholder (an `nn.Identity` in a `drop_path*` attribute, e.g. CaiT's "
+        "class-attention blocks) and the leading blocks of a rising schedule. The rule is read from timm's "
+        "non-zero rates in call order: `linear` i/(L-1), `uniform`, `i/N` (EfficientNet-style, N counting "
+        "blocks without a residual), `other`. Rates are compared exactly for linear (our default schedule) "
+        "and uniform; for i/N we check that our depth order is timm's (rates rise along it).",
+        "",
+    ]
+    (out / "zoo.md").write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
+    parser.add_argument("--zoo", choices=("all", "timm", "torchvision"), default="all")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
+    parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--from-csv", type=Path, help="rewrite the report from this CSV without running models")
+    parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
+    args = parser.parse_args(argv)
+
+    if args.from_csv:
+        rows = _read_csv(args.from_csv)
+        write_reports(rows, args.out, args.wall_min * 60, "python benchmarks/zoo.py")
+        print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+        return 0
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "1")))
+        try:
+            row = run_one(*args.worker)
+        except Exception as error:
+            traceback.print_exc()
+            row = Row(*args.worker, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
+        print("ROW " + json.dumps(asdict(row)), flush=True)
+        return 0
+
+    jobs = [j for j in all_jobs() if args.zoo in ("all", j[0]) and (not args.only or j[2] in args.only)]
+    started = time.perf_counter()
+    rows = []
+    for index, (zoo, family, name) in enumerate(jobs, 1):
+        row = _run_in_subprocess(zoo, family, name, args.timeout)
+        rows.append(row)
+        print(f"[{index}/{len(jobs)}] {zoo} {name}: {row.status} sites={row.sites} verified={row.verified} "
+              f"placement={row.placement} {row.total_s}s {row.reason[:120]}", flush=True)
+    command = "python benchmarks/zoo.py" + (f" --zoo {args.zoo}" if args.zoo != "all" else "")
+    write_reports(rows, args.out, time.perf_counter() - started, command)
+    print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
