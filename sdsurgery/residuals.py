@@ -215,6 +215,8 @@ def classify_add(
         if cost_a == cost_b:
             return None  # a symmetric multi-branch sum: no path is the shortcut
         skip, branch = (a, b) if cost_a < cost_b else (b, a)
+        if min(cost_a, cost_b) == 0:  # a parameter-free shortcut (nn.Identity, pooling) is an identity skip
+            shortcut = "identity"
     on_branch = branch_nodes(branch, skip)
     branch_parameters = _parameter_count(on_branch, root)
     if branch_parameters == 0:

@@ -64,6 +64,16 @@ class Projection(nn.Module):
         return self.downsample(x) + self.f(x)
 
 
+class IdentityModuleShortcut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = Branch()
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        return self.f(x) + self.shortcut(x)
+
+
 def _only_site(model):
     sites = find_residual_sites(model, 0.1)
     assert len(sites) == 1
@@ -101,6 +111,11 @@ def test_tensor_add_in_place_method():
 def test_projection_shortcut_skip_is_the_cheaper_path():
     site = _only_site(Projection())
     assert (site.skip, site.branch, site.shortcut) == ("downsample", "f_2", "projection")
+
+
+def test_parameter_free_shortcut_module_is_an_identity_shortcut():
+    site = _only_site(IdentityModuleShortcut())
+    assert (site.skip, site.branch, site.shortcut) == ("shortcut", "f_bn", "identity")
 
 
 def test_site_records_its_block_path_and_depth():
