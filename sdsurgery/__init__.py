@@ -9,8 +9,8 @@ from .errors import NoResidualSitesError, SurgeryError, TraceError, Verification
 from .models import ModelSpecError, WeightsError
 from .ops import StochasticDepth, stochastic_depth
 from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
-from .rewrite import RetrofittedBlock
 from .rates import set_drop_rates, strip_stochastic_depth
+from .rewrite import RetrofittedBlock
 from .schedules import drop_rates, linear_rates
 from .skipping import SkippableBranch, seed_block_drops
 from .surgery import apply_stochastic_depth
@@ -19,24 +19,30 @@ from .verify import SiteCheck, VerificationReport, default_example_inputs, verif
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
+    "ModelSpecError",
     "NoResidualSitesError",
     "ResidualSite",
     "RetrofittedBlock",
     "SiteCheck",
+    "SkippableBranch",
     "StochasticDepth",
     "SurgeryError",
     "SurgeryPlan",
     "TraceError",
     "VerificationError",
     "VerificationReport",
+    "WeightsError",
     "apply_stochastic_depth",
     "default_example_inputs",
     "drop_rates",
     "find_residual_sites",
     "linear_rates",
+    "load",
     "plan_stochastic_depth",
+    "seed_block_drops",
+    "set_drop_rates",
     "stochastic_depth",
+    "strip_stochastic_depth",
     "verify",
 ]
-__all__ += ["CheckpointError", "ModelSpecError", "WeightsError", "load"]
-__all__ += ["SkippableBranch", "seed_block_drops", "set_drop_rates", "strip_stochastic_depth"]
