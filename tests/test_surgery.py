@@ -8,6 +8,7 @@ import pytest
 import torch
 import torchvision
 from torch import nn
+from tiny_residual_models import Residual
 
 from sdsurgery import (
     NoResidualSitesError,
@@ -145,15 +146,6 @@ def test_graph_constants_follow_the_model_to_another_device_and_dtype():
 
 
 # A residual written in the model's own forward, and blocks nested in it.
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return x + self.f(x)
 
 
 class RootResidual(nn.Module):

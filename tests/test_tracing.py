@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 from torch import nn
+from tiny_residual_models import Residual
 
 from sdsurgery import (
     StochasticDepth,
@@ -19,15 +20,6 @@ from sdsurgery import (
 )
 
 X = torch.randn(2, 8)
-
-
-class Residual(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.f = nn.Linear(8, 8)
-
-    def forward(self, x):
-        return x + self.f(x)
 
 
 def _rates(model):
