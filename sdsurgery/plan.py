@@ -16,6 +16,7 @@ from torch import nn
 
 from .ops import _check_rate
 from .parts import execution_order, trace_model
+from .repeated import find_repeated_blocks
 from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .schedules import Schedule, drop_rates
 from .tracing import ModuleCall, TraceOptions, owner_path
@@ -66,6 +67,12 @@ class SurgeryPlan:
     call_depths: dict[str, int] = field(default_factory=dict, repr=False)
     """How many module calls enclose each block's call (a shared module registered near the root may be
     called deep inside a block); blocks missing here count their path's depth."""
+    left_alone: list[str] = field(default_factory=list)
+    """Modules holding residual additions outside the model's repeated blocks (downsampling layers, patch
+    embeddings, position encodings between blocks), left alone by default; ``include=`` retrofits them."""
+    repeated_blocks: tuple[str, ...] = ()
+    """The repeated blocks (the elements a stage repeats) that hold residual sites; each is one unit of
+    depth and rate, whatever number of residual sub-blocks it holds. Empty when the model repeats none."""
 
     @property
     def block_paths(self) -> list[str]:
@@ -118,7 +125,7 @@ def plan_stochastic_depth(
     options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
     traced = trace_model(model, options, example_inputs)
 
-    adds: list[tuple[str, ResidualAdd, int]] = []  # (block path in the model, add, ordinal)
+    candidates: list[tuple[str, ResidualAdd, int]] = []  # (block path in the model, add, ordinal)
     call_depths: dict[str, int] = {}
     found: dict[int, dict] = {}
     ordinals: dict[int, dict] = {}
@@ -131,20 +138,35 @@ def plan_stochastic_depth(
         if a is None:
             continue
         path = _join(part.path, a.block_path)
-        block = model.get_submodule(path)
-        if (include is None or _matches(path, block, include)) and not _matches(path, block, exclude):
-            adds.append((path, a, ordinals[id(part)][node]))
-            part_depth = part.path.count(".") + 1 if part.path else 0
-            call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
-    if not adds and traced.root_error is not None:
+        candidates.append((path, a, ordinals[id(part)][node]))
+        part_depth = part.path.count(".") + 1 if part.path else 0
+        call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
+    if not candidates and traced.root_error is not None:
         raise traced.root_error
-    block_keys = list(dict.fromkeys(_block_key(path, a) for path, a, _ in adds))
+
+    repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
+    adds: list[tuple[str, ResidualAdd, int, str]] = []  # (block path, add, ordinal, block key)
+    left_alone: list[str] = []
+    for path, a, ordinal in candidates:
+        unit = repeated.block_of(path)
+        paths = [path] if unit in (None, path) else [path, unit]
+        if any(_matches(p, model.get_submodule(p), exclude) for p in paths):
+            continue
+        if include is not None:
+            keep = any(_matches(p, model.get_submodule(p), include) for p in paths)
+        else:
+            keep = unit is not None
+            if not keep and path not in left_alone:
+                left_alone.append(path)
+        if keep:
+            adds.append((path, a, ordinal, _block_key(unit or path, a)))
+    block_keys = list(dict.fromkeys(key for *_, key in adds))
     rates = drop_rates(schedule, p_max, len(block_keys))
     depth_of = {key: index for index, key in enumerate(block_keys)}
 
     sites = []
-    for path, a, ordinal in adds:
-        depth = depth_of[_block_key(path, a)]
+    for path, a, ordinal, key in adds:
+        depth = depth_of[key]
         sites.append(
             ResidualSite(
                 block_path=path,
@@ -161,7 +183,7 @@ def plan_stochastic_depth(
         )
     return SurgeryPlan(
         sites, len(block_keys), traced.untraced, traced.all_calls(), traced.merged_options(), traced.specialised,
-        [part.path for part in traced.parts()], call_depths,
+        [part.path for part in traced.parts()], call_depths, left_alone, repeated.blocks,
     )
 
 

@@ -88,6 +88,40 @@ def ancestors(node: fx.Node) -> set[fx.Node]:
     return seen
 
 
+def value_ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node whose *value* it is computed from: a shape read (``x.shape``, ``x.size()``)
+    ends the walk, since code that only sizes a tensor after another (FPN's ``interpolate(top, size=
+    lateral.shape[-2:])``) does not compute it from that tensor."""
+    seen = {node}
+    stack = [node]
+    while stack:
+        current = stack.pop()
+        if current is not node and _is_shape_only(current):
+            continue
+        for parent in current.all_input_nodes:
+            if parent not in seen:
+                seen.add(parent)
+                stack.append(parent)
+    return seen
+
+
+def _forks(common: set[fx.Node]) -> set[fx.Node]:
+    """The latest of ``common`` (an ancestor-closed set): those none of whose users is in it."""
+    return {n for n in common if not any(user in common for user in n.users)}
+
+
+def _downstream(sources: set[fx.Node], within: set[fx.Node]) -> set[fx.Node]:
+    """The nodes of ``within`` computed from ``sources``."""
+    reached: set[fx.Node] = set()
+    stack = list(sources)
+    while stack:
+        for user in stack.pop().users:
+            if user in within and user not in reached:
+                reached.add(user)
+                stack.append(user)
+    return reached
+
+
 def _parameter_count(nodes: set[fx.Node], root: nn.Module) -> int:
     count = 0
     for node in nodes:
@@ -167,7 +201,10 @@ def existing_stochastic_depth(branch: fx.Node, skip: fx.Node, root: nn.Module) -
 
 @dataclass(frozen=True)
 class ResidualAdd:
-    """A residual addition found in a graph: ``add`` sums ``skip`` and ``branch``."""
+    """A residual addition found in a graph: ``add`` sums ``skip`` and ``branch``.
+
+    ``path_nodes`` are the branch nodes computed from the point where branch and skip fork (side inputs that
+    only feed the branch, such as a global query or another stream, are left out)."""
 
     add: fx.Node
     skip: fx.Node
@@ -177,6 +214,7 @@ class ResidualAdd:
     branch_nodes: frozenset[fx.Node]
     existing: fx.Node | None
     branch_parameters: int = 0
+    path_nodes: frozenset[fx.Node] = frozenset()
 
 
 def classify_add(
@@ -196,7 +234,8 @@ def classify_add(
     block_path = owner_path(node)
     if block_path is None:
         return None
-    ancestors_a, ancestors_b = ancestors(a), ancestors(b)
+    ancestors_a, ancestors_b = value_ancestors(a), value_ancestors(b)
+    common = ancestors_a & ancestors_b & dependent
     shortcut = "identity"
     if a in ancestors_b:
         skip, branch = a, b
@@ -204,7 +243,6 @@ def classify_add(
         skip, branch = b, a
     else:
         shortcut = "projection"
-        common = ancestors_a & ancestors_b & dependent
         if not common and not (related_inputs and _has_input(ancestors_a) and _has_input(ancestors_b)):
             return None  # paths from different inputs
         # Costs count only the block's own computation: the block is retrofitted (and verified) from its own
@@ -218,6 +256,13 @@ def classify_add(
         if min(cost_a, cost_b) == 0:  # a parameter-free shortcut (nn.Identity, pooling) is an identity skip
             shortcut = "identity"
     on_branch = branch_nodes(branch, skip)
+    # A residual block computes F(x) in its own forward from the value the skip carries: the branch path
+    # from the fork lies inside the block. A sum whose longer path runs through other modules merges paths
+    # that forked elsewhere (a feature pyramid's top-down sum, a head adding two classifiers, a decoder
+    # adding an encoder feature): no residual.
+    path = _downstream(_forks(common), on_branch & dependent) | ({branch} & on_branch)
+    if any(not _inside(n, block_path) for n in path):
+        return None
     branch_parameters = _parameter_count(on_branch, root)
     if branch_parameters == 0:
         return None
@@ -230,14 +275,17 @@ def classify_add(
         branch_nodes=frozenset(on_branch),
         existing=existing_stochastic_depth(branch, skip, root),
         branch_parameters=branch_parameters,
+        path_nodes=frozenset(path),
     )
 
 
 def is_nested(inner: ResidualAdd, others: list[ResidualAdd], dependent: set[fx.Node]) -> bool:
     """Whether ``inner`` is nested: its addition lies on the branch of other residuals and its result is used
     only on those branches. A residual of another stream that merely feeds a branch (multi-scale models
-    exchange features between streams) is not nested: its result goes on along its own trunk."""
-    enclosing = [o for o in others if o is not inner and inner.add in o.branch_nodes]
+    exchange features between streams) is not nested: its result goes on along its own trunk. A residual on
+    an enclosing branch's path is nested only where that block's forward computes it (a block the model's
+    own forward calls is never nested in an addition written there), so no trunk block is swallowed."""
+    enclosing = [o for o in others if o is not inner and inner.add in o.branch_nodes and _encloses(o, inner)]
     if not enclosing:
         return False
     inside = frozenset().union(*(o.branch_nodes for o in enclosing))
@@ -253,6 +301,16 @@ def is_nested(inner: ResidualAdd, others: list[ResidualAdd], dependent: set[fx.N
             seen.add(user)
             stack.append(user)
     return True
+
+
+def _encloses(outer: ResidualAdd, inner: ResidualAdd) -> bool:
+    """Whether ``inner`` may be nested in ``outer``: it only feeds ``outer``'s branch from the side, or its
+    addition is computed by the forward of ``outer``'s block (the model's own forward: written in it)."""
+    if inner.add not in outer.path_nodes:
+        return True
+    if not outer.block_path:
+        return inner.block_path == ""
+    return _inside(inner.add, outer.block_path)
 
 
 def _enclosing_calls(add: fx.Node) -> list[str]:

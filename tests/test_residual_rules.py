@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdsurgery import apply_stochastic_depth, find_residual_sites, verify
+from sdsurgery import apply_stochastic_depth, find_residual_sites, plan_stochastic_depth, verify
 
 
 def _conv_bn(c, k):
@@ -108,6 +108,29 @@ X = torch.randn(2, 8, 5)
 def test_positional_conv_on_the_trunk_is_a_site():
     sites = find_residual_sites(Trunk(), example_inputs=X)
     assert [s.block_path for s in sites] == ["blocks.0", "blocks.0", "pos", "blocks.1", "blocks.1"]
+
+
+class TwinsLike(nn.Module):
+    """Twins: the position encoding follows the first block of a stage that then runs its blocks back to back."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.Sequential(TransformerLikeBlock(), TransformerLikeBlock(), TransformerLikeBlock())
+        self.pos = PositionalConv()
+
+    def forward(self, x):
+        return self.blocks[2](self.blocks[1](self.pos(self.blocks[0](x))))
+
+
+def test_positional_conv_between_repeated_blocks_is_left_alone():
+    plan = plan_stochastic_depth(TwinsLike(), 0.1, example_inputs=X)
+    assert [s.block_path for s in plan.sites] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1", "blocks.2", "blocks.2"]
+    assert plan.left_alone == ["pos"]
+
+
+def test_positional_conv_on_a_trunk_without_repeated_blocks_is_a_site():
+    # Trunk never runs two blocks back to back, so it repeats no block and every residual counts.
+    assert plan_stochastic_depth(Trunk(), 0.1, example_inputs=X).left_alone == []
 
 
 def test_positional_conv_inside_a_block_is_part_of_that_block():

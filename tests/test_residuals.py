@@ -302,11 +302,27 @@ class Outer(nn.Module):
         return x + self.proj(F.relu(self.inner(x)))
 
 
-def test_residual_inside_another_branch_is_nested_and_left_out():
-    sites = find_residual_sites(Outer())
-    assert [s.block_path for s in sites] == [""]
+class Wrapped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.outer = Outer()
+
+    def forward(self, x):
+        return self.outer(x)
+
+
+def test_residual_inside_another_blocks_branch_is_nested_and_left_out():
+    sites = find_residual_sites(Wrapped())
+    assert [s.block_path for s in sites] == ["outer"]
 
 
 def test_nested_true_includes_inner_residuals():
-    sites = find_residual_sites(Outer(), nested=True)
+    sites = find_residual_sites(Wrapped(), nested=True)
+    assert [s.block_path for s in sites] == ["outer.inner", "outer"]
+
+
+def test_addition_in_the_models_forward_never_swallows_a_block_it_calls():
+    # The model's own forward calls every block: an addition written there (a U-Net's long skip, a global
+    # residual) is not a block that encloses them.
+    sites = find_residual_sites(Outer())
     assert [s.block_path for s in sites] == ["inner", ""]

@@ -1,0 +1,112 @@
+"""The repeated blocks of a model: the unit that one depth index and one drop rate go to.
+
+timm and torchvision give stochastic depth to the *element a stage repeats* — the item of the stage's
+``Sequential`` / ``ModuleList`` — and to nothing outside those elements. This module finds those elements
+from the module tree and from where the residual sites lie, never from a family or class name:
+
+* a **stage** is a module whose forward holds no residual addition itself, whose children that hold sites
+  are all of one kind, and two of whose children are called back to back (a site of one child is directly
+  followed, in execution order, by a site of another: the stage runs one block after the other);
+* a **repeated element** is a child of a stage, or any module of the same kind elsewhere (a stage of depth
+  one, such as RegNet's first stages, repeats nothing itself but holds the same block);
+* the **repeated blocks** are the innermost repeated elements: those holding no other repeated element.
+
+A module's *kind* is its class; for a generic container (``nn.Sequential``, ``nn.ModuleList``,
+``nn.ModuleDict``) the class together with the kinds of its children that hold sites, so that DaViT's
+``Sequential(SpatialBlock, ChannelBlock)`` pairs are one kind and Twins' ``ModuleList`` of position
+convolutions is not the kind of its ``ModuleList`` stages.
+
+A repeated block that holds several residual sub-blocks (MaxViT's MBConv, block and grid attention;
+DaViT's spatial and channel pair) is one unit. Sites outside every repeated block (downsampling layers,
+patch embeddings, position encodings between blocks, additions in the model's own forward) are *left alone*
+by default. A model without any stage has no repeated blocks: each block path is its own unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+_GENERIC_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+@dataclass(frozen=True)
+class RepeatedBlocks:
+    """The stages and repeated blocks of a model, found from the block paths of its residual sites."""
+
+    stages: tuple[str, ...]
+    """Modules that repeat a block, in module-tree order ('' is the model)."""
+    blocks: tuple[str, ...]
+    """The repeated blocks that hold sites (innermost repeated elements), in module-tree order."""
+
+    def block_of(self, path: str) -> str | None:
+        """The repeated block that holds the module at ``path``, or ``None`` when it lies outside every
+        repeated block (left alone by default). Without repeated blocks every path is its own block."""
+        if not self.blocks:
+            return path
+        return next((p for p in _self_and_ancestors(path) if p in self.blocks), None)
+
+
+def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> RepeatedBlocks:
+    """The stages and repeated blocks of ``model``, given the block path of each residual site in execution
+    order (a block with two sites appears twice)."""
+    holders = {p for path in site_paths for p in _self_and_ancestors(path)}
+    own = set(site_paths)
+    children: dict[str, list[str]] = {}
+    for path in sorted(holders):
+        if path:
+            children.setdefault(_parent(path), []).append(path)
+
+    kinds: dict[str, Hashable] = {}
+
+    def kind(path: str) -> Hashable:
+        if path not in kinds:
+            module = model.get_submodule(path)
+            if isinstance(module, _GENERIC_CONTAINERS):
+                kinds[path] = (type(module), frozenset(kind(c) for c in children.get(path, ())))
+            else:
+                kinds[path] = type(module)
+        return kinds[path]
+
+    back_to_back = {
+        _common_ancestor(p, q)
+        for p, q in zip(site_paths, site_paths[1:])
+        if p != q and not _is_within(p, q) and not _is_within(q, p)
+    }
+    stages = tuple(
+        path
+        for path, kids in children.items()
+        if path in back_to_back and path not in own and len({kind(k) for k in kids}) == 1
+    )
+    element_kinds = {kind(k) for stage in stages for k in children[stage]}
+    elements = {path for path in holders if path and kind(path) in element_kinds}
+    blocks = tuple(
+        sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements))
+    )
+    return RepeatedBlocks(tuple(sorted(stages)), blocks)
+
+
+def _parent(path: str) -> str:
+    return path.rpartition(".")[0]
+
+
+def _self_and_ancestors(path: str) -> list[str]:
+    """``path`` and the paths of the modules that hold it, innermost first, the model ('') last."""
+    parts = path.split(".") if path else []
+    return [".".join(parts[:i]) for i in range(len(parts), -1, -1)]
+
+
+def _is_within(path: str, ancestor: str) -> bool:
+    """Whether the module at ``path`` is ``ancestor`` or held by it."""
+    return not ancestor or path == ancestor or path.startswith(ancestor + ".")
+
+
+def _common_ancestor(a: str, b: str) -> str:
+    common = []
+    for x, y in zip(a.split("."), b.split(".")):
+        if x != y:
+            break
+        common.append(x)
+    return ".".join(common)

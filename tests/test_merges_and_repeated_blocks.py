@@ -1,0 +1,374 @@
+"""Sums that merge paths are not residual blocks; repeated blocks are the unit of depth and rate; light
+residuals outside the repeated blocks are left alone (docs/residual-rules.md, sections 2-4)."""
+
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from sdsurgery import apply_stochastic_depth, find_residual_sites, plan_stochastic_depth, verify
+
+
+class Res(nn.Module):
+    """``x + conv(relu(conv(x)))``: a residual block."""
+
+    def __init__(self, c=4, k=3):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, k, padding=k // 2), nn.ReLU(), nn.Conv2d(c, c, 1))
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+IMAGE = torch.randn(2, 4, 16, 16)
+
+
+# A merge of two block inputs.
+
+
+class MergeInputs(nn.Module):
+    """``low + conv(high)``: the two inputs forked in the module that called it."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1)
+
+    def forward(self, low, high):
+        return low + self.conv(high)
+
+
+class TwoInputHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = Res()
+        self.deep = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
+        self.merge = MergeInputs()
+
+    def forward(self, x):
+        low = self.block(x)
+        return self.merge(low, self.deep(low))
+
+
+def test_sum_of_two_inputs_that_forked_outside_the_block_is_not_a_site():
+    sites = find_residual_sites(TwoInputHead(), example_inputs=IMAGE)
+    assert [s.block_path for s in sites] == ["block"]  # the residual block beside it is the positive control
+
+
+def test_the_same_sum_computed_from_the_blocks_own_input_is_a_site():
+    class OwnInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.merge = MergeInputs()
+
+        def forward(self, x):
+            return self.merge(x, x)
+
+    assert [s.block_path for s in find_residual_sites(OwnInput(), example_inputs=IMAGE)] == ["merge"]
+
+
+# A feature-pyramid merge.
+
+
+class Pyramid(nn.Module):
+    """FPN's top-down pathway: ``lateral(c) + upsample(top, size=lateral.shape)``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.lateral = nn.ModuleList(nn.Conv2d(c, c, 1) for _ in range(3))
+
+    def forward(self, feats):
+        top = self.lateral[2](feats[2])
+        outs = [top]
+        for i in (1, 0):
+            lateral = self.lateral[i](feats[i])
+            top = lateral + F.interpolate(top, size=lateral.shape[-2:], mode="nearest")
+            outs.insert(0, top)
+        return outs
+
+
+class PyramidNet(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, stride=2, padding=1), Res(c)) for _ in range(3))
+        self.fpn = Pyramid(c)
+
+    def forward(self, x):
+        feats = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        return self.fpn(feats)
+
+
+def test_feature_pyramid_merges_are_not_sites():
+    sites = find_residual_sites(PyramidNet(), example_inputs=IMAGE)
+    assert [s.block_path for s in sites] == ["stages.0.1", "stages.1.1", "stages.2.1"]
+
+
+def test_torchvision_fpn_backbone_has_the_resnet_blocks_only():
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5)
+    sites = find_residual_sites(backbone, example_inputs=torch.randn(1, 3, 64, 64))
+    assert len(sites) == 8 and all(s.block_path.startswith("body.layer") for s in sites)
+
+
+# A head that adds two classifiers.
+
+
+def test_lraspp_head_sum_is_not_a_site_and_every_backbone_block_stays():
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None)
+    sites = find_residual_sites(model, example_inputs=torch.randn(1, 3, 64, 64))
+    blocks = [s.block_path for s in sites]
+    assert blocks == [f"backbone.{i}" for i in (1, 3, 5, 6, 8, 9, 10, 12, 14, 15)]
+
+
+class TwoClassifiers(nn.Module):
+    """``low_classifier(low) + high_classifier(high)`` on two features of a backbone, as LR-ASPP does."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(Res(), nn.Conv2d(4, 4, 3, padding=1), Res(), Res())
+        self.low_classifier = nn.Conv2d(4, 3, 1)
+        self.high_classifier = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+
+    def forward(self, x):
+        low = self.backbone[0](x)
+        high = self.backbone[3](self.backbone[2](self.backbone[1](low)))
+        return self.head(low, high)
+
+    def head(self, low, high):
+        return self.low_classifier(low) + self.high_classifier(high)
+
+
+class HeadModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.low_classifier = nn.Conv2d(4, 3, 1)
+        self.high_classifier = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 1))
+
+    def forward(self, low, high):
+        return self.low_classifier(low) + self.high_classifier(high)
+
+
+class SegmentationNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Sequential(Res(), nn.Conv2d(4, 4, 3, padding=1), Res(), Res())
+        self.classifier = HeadModule()
+
+    def forward(self, x):
+        low = self.backbone[0](x)
+        high = self.backbone[3](self.backbone[2](self.backbone[1](low)))
+        return self.classifier(low, high)
+
+
+def test_head_adding_two_classifiers_is_not_a_site_and_swallows_no_backbone_block():
+    sites = find_residual_sites(SegmentationNet(), example_inputs=IMAGE)
+    assert [s.block_path for s in sites] == ["backbone.0", "backbone.2", "backbone.3"]
+
+
+# A long skip from an encoder.
+
+
+class DecoderBlock(nn.Module):
+    """LinkNet's decoder block: ``up(x) + skip`` with ``skip`` an encoder feature."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c, c, 2, stride=2)
+
+    def forward(self, x, skip):
+        return self.up(x) + skip
+
+
+class LinkNet(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.encoder = nn.ModuleList(nn.Sequential(nn.Conv2d(c, c, 3, 2, 1), Res(c), Res(c)) for _ in range(3))
+        self.decoder = nn.ModuleList(DecoderBlock(c) for _ in range(2))
+
+    def forward(self, x):
+        feats = []
+        for stage in self.encoder:
+            x = stage(x)
+            feats.append(x)
+        x = feats[-1]
+        for block, skip in zip(self.decoder, feats[-2::-1]):
+            x = block(x, skip)
+        return x
+
+
+def test_decoder_adding_an_encoder_feature_is_not_a_site():
+    sites = find_residual_sites(LinkNet(), example_inputs=IMAGE)
+    assert [s.block_path for s in sites] == [f"encoder.{i}.{j}" for i in range(3) for j in (1, 2)]
+
+
+class UNetInOneForward(nn.Module):
+    """Encoder stages and the long skip written in the model's own forward."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.enc = nn.ModuleList(nn.Sequential(Res(c), Res(c)) for _ in range(3))
+        self.up = nn.ModuleList(nn.ConvTranspose2d(c, c, 2, stride=2) for _ in range(2))
+
+    def forward(self, x):
+        e0 = self.enc[0](x)
+        e1 = self.enc[1](F.max_pool2d(e0, 2))
+        e2 = self.enc[2](F.max_pool2d(e1, 2))
+        d1 = self.up[0](e2) + e1
+        return self.up[1](d1) + e0
+
+
+def test_long_skips_in_the_models_forward_are_left_alone_and_swallow_no_encoder_block():
+    plan = plan_stochastic_depth(UNetInOneForward(), 0.1, example_inputs=IMAGE)
+    assert [s.block_path for s in plan.sites] == [f"enc.{i}.{j}" for i in range(3) for j in range(2)]
+    assert plan.left_alone == [""]
+
+
+# A compound repeated block: three residual sub-blocks, one depth index and one rate.
+
+
+class Attention(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.mix = nn.Conv2d(c, c, 1)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.GELU(), nn.Conv2d(2 * c, c, 1))
+
+    def forward(self, x):
+        x = x + self.mix(x)
+        return x + self.mlp(x)
+
+
+class Compound(nn.Module):
+    """MaxViT's block: an MBConv, block attention and grid attention, each residual."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = Res(c)
+        self.attn_block = Attention(c)
+        self.attn_grid = Attention(c)
+
+    def forward(self, x):
+        return self.attn_grid(self.attn_block(self.conv(x)))
+
+
+class CompoundNet(nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        self.blocks = nn.Sequential(*(Compound() for _ in range(depth)))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_compound_repeated_block_is_one_unit_with_one_rate():
+    plan = plan_stochastic_depth(CompoundNet(), 0.2, example_inputs=IMAGE)
+    assert plan.num_blocks == 3 and plan.repeated_blocks == ("blocks.0", "blocks.1", "blocks.2")
+    assert [(s.block_path, s.depth, s.drop_rate) for s in plan.sites] == [
+        (f"blocks.{i}.{part}", i, 0.1 * i) for i in range(3) for part in ("conv", "attn_block", "attn_block",
+                                                                            "attn_grid", "attn_grid")
+    ]
+
+
+def test_repeated_sub_blocks_of_one_kind_keep_an_index_each():
+    # Positive control: a stage of plain Attention blocks numbers each block.
+    model = nn.Sequential(Attention(), Attention(), Attention())
+    plan = plan_stochastic_depth(model, 0.2, example_inputs=IMAGE)
+    assert plan.num_blocks == 3 and [s.depth for s in plan.sites] == [0, 0, 1, 1, 2, 2]
+
+
+def _train_outputs(model, x, seed=0):
+    torch.manual_seed(seed)
+    return model.train()(x)
+
+
+def test_davit_retrofit_trains_like_timms_native_drop_path():
+    config = dict(depths=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), num_classes=5)
+    torch.manual_seed(0)
+    plain = timm.create_model("davit_tiny", **config)
+    native = timm.create_model("davit_tiny", drop_path_rate=0.5, **config)
+    native.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    retrofitted = apply_stochastic_depth(plain, 0.5, example_inputs=x, verify=False)
+    assert len({s.depth for s in plan_stochastic_depth(plain, 0.5, example_inputs=x).sites}) == 5
+    torch.testing.assert_close(_train_outputs(retrofitted, x), _train_outputs(native, x))
+    assert not torch.allclose(_train_outputs(plain, x), _train_outputs(native, x))  # drops did happen
+
+
+# Light residuals outside the repeated blocks.
+
+
+class Downsample(nn.Module):
+    """A strided convolution followed by a light depthwise residual ``x + dwconv(x)``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+
+    def forward(self, x):
+        x = self.reduce(x)
+        return x + self.dw(x)
+
+
+class Stage(nn.Module):
+    def __init__(self, depth, c=4):
+        super().__init__()
+        self.downsample = Downsample(c)
+        self.blocks = nn.Sequential(*(Res(c) for _ in range(depth)))
+
+    def forward(self, x):
+        return self.blocks(self.downsample(x))
+
+
+class StagedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stages = nn.Sequential(Stage(2), Stage(1))
+
+    def forward(self, x):
+        return self.stages(x)
+
+
+def test_light_downsampling_residual_is_left_alone_by_default():
+    plan = plan_stochastic_depth(StagedNet(), 0.1, example_inputs=IMAGE)
+    assert [s.block_path for s in plan.sites] == ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.blocks.0"]
+    assert plan.left_alone == ["stages.0.downsample", "stages.1.downsample"]
+    assert [s.drop_rate for s in plan.sites] == [0.0, 0.05, 0.1]
+
+
+def test_include_adds_the_residuals_left_alone():
+    plan = plan_stochastic_depth(StagedNet(), 0.1, include=["*"], example_inputs=IMAGE)
+    assert [s.block_path for s in plan.sites] == [
+        "stages.0.downsample", "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample", "stages.1.blocks.0",
+    ]
+    assert plan.num_blocks == 5 and plan.left_alone == []
+
+
+def test_include_by_class_adds_only_that_kind_of_residual():
+    plan = plan_stochastic_depth(StagedNet(), 0.1, include=[Downsample, Res], example_inputs=IMAGE)
+    assert plan.num_blocks == 5
+
+
+def test_residual_mlp_without_repeated_blocks_keeps_every_site():
+    class HandWritten(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2, self.fc3 = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            x = x + self.fc1(x)
+            x = x + torch.relu(self.fc2(x))
+            return x + self.fc3(x)
+
+    plan = plan_stochastic_depth(HandWritten(), 0.1, example_inputs=torch.randn(2, 6))
+    assert len(plan.sites) == 3 and plan.num_blocks == 3 and plan.left_alone == []
+
+
+def test_retrofit_with_residuals_left_alone_verifies():
+    model = StagedNet()
+    retrofitted = apply_stochastic_depth(model, 0.2, example_inputs=IMAGE)
+    report = verify(model, retrofitted, IMAGE)
+    assert report.ok and len(report.sites) == 3
