@@ -1,10 +1,17 @@
-"""Zoo sweep: retrofit every torchvision classifier and one small model per timm architecture module.
+"""Zoo sweep: retrofit every torchvision classifier, one small model per timm architecture module and the
+torchvision dense-prediction models (segmentation, detection, video).
 
 Each model runs in its own subprocess with a time limit. For each: how it traced (whole / partial / failed,
-with the reason), the number of sites and blocks, the verifier's result, the surgery time and, for timm
-families with native drop path, whether our placement equals timm's. Writes a Markdown report and a CSV.
+with the reason), the number of sites and blocks and the residuals left alone, the verifier's result, the
+surgery time, for timm families with native drop path whether our placement equals timm's, and for every
+model with native stochastic depth (timm ``drop_path_rate``, torchvision ``stochastic_depth_prob``) whether
+train-mode outputs equal the native model's under the same weights and seed (placement *and* rates).
+Dense-prediction models are checked against the number of residual blocks of their backbone. Writes a
+Markdown report and a CSV.
 
     python benchmarks/zoo.py                      # the full sweep -> docs/zoo.md, docs/zoo.csv
+    python benchmarks/zoo.py --zoo dense --out /tmp/dense      # one part; parts run side by side
+    python benchmarks/zoo.py --from-csv /tmp/tv/zoo.csv /tmp/timm/zoo.csv /tmp/dense/zoo.csv  # merge parts
     python benchmarks/zoo.py --only resnet18 tiny_vit_5m_224 --out /tmp/zoo   # a few models
 """
 
@@ -28,6 +35,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 P_MAX = 0.1
+# Train-mode parity with the native model runs at a high rate so that many branches are dropped in one pass.
+P_PARITY = 0.5
 OFF_RESIDUAL = "differs (off-residual):"  # timm drops paths that no residual addition adds
 BATCH = 2
 # Models this large (parameters, or input side in pixels) run with batch 1 to keep the sweep under an hour.
@@ -75,32 +84,52 @@ TIMM_REPRESENTATIVES = {
 }
 
 
+# torchvision dense-prediction models: (constructor options, example input, the residual blocks of the
+# backbone). Detection models run at a small image size; their heads and pyramids hold no residual block.
+_DETECTION = dict(weights_backbone=None, min_size=160, max_size=160)
+_SEGMENTATION = dict(weights_backbone=None)
+_IMAGE, _CLIP, _CLIP_224 = (3, 160, 160), (3, 16, 112, 112), (3, 16, 224, 224)
+DENSE_MODELS = {
+    "fcn_resnet50": (_SEGMENTATION, _IMAGE, 16),
+    "fcn_resnet101": (_SEGMENTATION, _IMAGE, 33),
+    "deeplabv3_resnet50": (_SEGMENTATION, _IMAGE, 16),
+    "deeplabv3_resnet101": (_SEGMENTATION, _IMAGE, 33),
+    "deeplabv3_mobilenet_v3_large": (_SEGMENTATION, _IMAGE, 10),
+    "lraspp_mobilenet_v3_large": (_SEGMENTATION, _IMAGE, 10),
+    "fasterrcnn_resnet50_fpn": (_DETECTION, _IMAGE, 16),
+    "fasterrcnn_resnet50_fpn_v2": (_DETECTION, _IMAGE, 16),
+    "fasterrcnn_mobilenet_v3_large_fpn": (_DETECTION, _IMAGE, 10),
+    "fasterrcnn_mobilenet_v3_large_320_fpn": (_DETECTION, _IMAGE, 10),
+    "retinanet_resnet50_fpn": (_DETECTION, _IMAGE, 16),
+    "retinanet_resnet50_fpn_v2": (_DETECTION, _IMAGE, 16),
+    "fcos_resnet50_fpn": (_DETECTION, _IMAGE, 16),
+    "maskrcnn_resnet50_fpn": (_DETECTION, _IMAGE, 16),
+    "maskrcnn_resnet50_fpn_v2": (_DETECTION, _IMAGE, 16),
+    "keypointrcnn_resnet50_fpn": (_DETECTION, _IMAGE, 16),
+    "ssdlite320_mobilenet_v3_large": (dict(weights_backbone=None), _IMAGE, 10),
+    "ssd300_vgg16": (dict(weights_backbone=None), _IMAGE, 0),
+    "r3d_18": ({}, _CLIP, 8),
+    "mc3_18": ({}, _CLIP, 8),
+    "r2plus1d_18": ({}, _CLIP, 8),
+    "s3d": ({}, _CLIP, 0),
+    "swin3d_t": ({}, _CLIP, 12),
+    "swin3d_s": ({}, _CLIP, 24),
+    "swin3d_b": ({}, _CLIP, 24),
+    "mvit_v1_b": ({}, _CLIP_224, 16),
+    "mvit_v2_s": ({}, _CLIP_224, 16),
+}
+_DETECTION_FAMILIES = ("rcnn", "retinanet", "fcos", "ssd")
+
+
 # Why a model misses a target, found by reading the model's code (see docs/residual-rules.md). The report
 # lists every miss with its cause here, or as unexplained.
 KNOWN_CAUSES = {
     "edgenext_xx_small": "timm also drops the XCA residual nested inside each SplitTransposeBlock's own residual "
     "branch (two drop-path calls per block). By default only trunk residuals count (rule 5); `nested=True` "
     "adds it.",
-    "efficientformerv2_s0": "the stage-4 `Downsample` adds an attention path to its strided convolution "
-    "(`attn(x) + conv(x)`): a projection residual by the rules (the convolution is the shallower path). timm "
-    "puts no drop path in downsampling layers; `exclude=['stages.*.downsample']` does the same.",
-    "efficientvim_m1": "the downsampling layers between stages hold depthwise-convolution residuals "
-    "(`x + dwconv(x)`) on the trunk. timm puts no drop path in them; `exclude=['stages.*.downsample']`.",
-    "fastvit_t8": "each stage's patch embedding ends in a MobileOne block whose identity batch norm makes it a "
-    "residual (`bn(x) + conv(x)`). timm puts no drop path in patch embeddings; "
-    "`exclude=['stages.*.downsample.*']`.",
-    "gcvit_xxtiny": "the downsampling `ReduceSize` layers and the global-query `FeatureBlock`s hold MBConv "
-    "residuals (`x + conv_block(x)`) that timm gives no drop path; "
-    "`exclude=['stages.*.downsample.*', 'stages.*.global_block.*']`.",
     "mobilevit_xxs": "timm calls drop path on the output of the stride-2 bottleneck blocks that have no shortcut "
     "(in training it zeroes those blocks' whole output for the dropped samples); there is no residual "
     "addition there to put stochastic depth on. Every residual block matches timm.",
-    "tnt_s_patch16_224": "each block adds the projected pixel stream into the patch stream "
-    "(`patch[:, 1:] + proj(norm(pixel))`): a residual of the patch stream by the rules, which timm does not "
-    "drop (ours 5 calls per block, timm 4).",
-    "twins_svt_small": "the position-encoding convolutions `pos_block.*` (`x + dwconv(x)`) are called from the "
-    "model's own forward between blocks: residuals on the trunk by the rules, where timm puts no drop path; "
-    "`exclude=['pos_block.*']`.",
     "ese_vovnet19b_slim": "VoVNet has no residual addition in this configuration; timm drops the paths that its "
     "one-shot-aggregation blocks concatenate. Stochastic depth on a concatenated path is not a residual drop.",
     "rdnet_tiny": "RDNet is a densely concatenating network with no residual addition; timm drops the paths it "
@@ -130,6 +159,10 @@ class Row:
     placement: str = ""  # equal | differs: ... | n/a
     rates: str = ""  # equal | differs | n/a (...)
     total_s: float = math.nan
+    left_alone: int = 0  # residual blocks outside the repeated blocks, left alone by default
+    parity: str = ""  # train outputs vs the native model: equal | equal (uniform) | equal (schedule=list) | differs | n/a
+    parity_max_abs_diff: float = math.nan
+    expected_blocks: int = -1  # dense models: the residual blocks of the backbone
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,10 +181,18 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def dense_family(name: str) -> str:
+    if name in ("r3d_18", "mc3_18", "r2plus1d_18", "s3d") or name.startswith(("swin3d", "mvit")):
+        return "video"
+    return "detection" if any(k in name for k in _DETECTION_FAMILIES) else "segmentation"
+
+
 def all_jobs() -> list[tuple[str, str, str]]:
-    return [("torchvision", "torchvision", n) for n in torchvision_models()] + [
-        ("timm", family, n) for family, n in timm_models()
-    ]
+    return (
+        [("torchvision", "torchvision", n) for n in torchvision_models()]
+        + [("timm", family, n) for family, n in timm_models()]
+        + [("dense", dense_family(n), n) for n in DENSE_MODELS]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +209,21 @@ def _build(zoo: str, name: str, **kwargs):
         return timm.create_model(name, **kwargs)
     import torchvision
 
+    if zoo == "dense":
+        kwargs = {**DENSE_MODELS[name][0], **kwargs}
     return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _example_inputs(zoo: str, name: str, model, batch: int) -> tuple:
+    import torch
+
+    import sdsurgery
+
+    if zoo != "dense":
+        return sdsurgery.default_example_inputs(model, batch_size=batch)
+    shape = DENSE_MODELS[name][1]
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    return (list(x),) if dense_family(name) == "detection" else (x,)
 
 
 def _params_m(zoo: str, name: str) -> float:
@@ -302,6 +357,94 @@ def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[s
         rates = f"n/a (rule {rule})"
     return rule, placement, rates
 
+def _native_rate_kwarg(zoo: str) -> str:
+    return "drop_path_rate" if zoo == "timm" else "stochastic_depth_prob"
+
+
+def _native_rates(model) -> dict[str, float]:
+    """block path -> rate of the native stochastic-depth modules (timm DropPath, torchvision StochasticDepth)."""
+    from timm.layers import DropPath
+    from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
+
+    rates = {}
+    for name, module in model.named_modules():
+        if isinstance(module, DropPath):
+            rates.setdefault(name.rpartition(".")[0], float(module.drop_prob))
+        elif isinstance(module, TorchvisionStochasticDepth):
+            rates.setdefault(name.rpartition(".")[0], float(module.p))
+    return rates
+
+
+def _train_outputs(model, inputs, seed: int):
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.train()(*inputs)
+
+
+def _max_abs_diff(a, b) -> float:
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return (a.float() - b.float()).abs().max().item() if a.shape == b.shape else math.inf
+    if isinstance(a, dict):
+        return max((_max_abs_diff(a[k], b[k]) for k in a), default=0.0) if a.keys() == b.keys() else math.inf
+    if isinstance(a, (list, tuple)):
+        return max((_max_abs_diff(x, y) for x, y in zip(a, b)), default=0.0) if len(a) == len(b) else math.inf
+    return 0.0 if a == b else math.inf
+
+
+def _parity(zoo: str, name: str, plain, inputs) -> tuple[str, float]:
+    """Train-mode outputs of our retrofit against the native model with stochastic depth at ``P_PARITY``,
+    same weights, same seed. The schedule is ours by default (linear) when the native rates follow it,
+    uniform when they are uniform, else the native rates passed as a list (``schedule=[...]``)."""
+    import copy
+
+    from sdsurgery import apply_stochastic_depth, plan_stochastic_depth
+
+    try:
+        native = _build(zoo, name, **{_native_rate_kwarg(zoo): P_PARITY})
+    except TypeError:
+        return "n/a (no native stochastic depth)", math.nan
+    native_rates = _native_rates(native)
+    if not any(r > 0 for r in native_rates.values()):
+        return "n/a (no native stochastic depth)", math.nan
+    native.load_state_dict(plain.state_dict())
+    plan = plan_stochastic_depth(plain, P_PARITY, example_inputs=inputs)
+    first_site = {}
+    for site in plan.sites:
+        first_site.setdefault(site.depth, site.block_path)
+    wanted = [native_rates.get(first_site[d], 0.0) for d in range(plan.num_blocks)]
+    by_depth = {s.depth: s.drop_rate for s in plan.sites}
+    if all(math.isclose(by_depth[d], w, abs_tol=1e-6) for d, w in enumerate(wanted)):
+        schedule, label = "linear", "equal"
+    elif all(math.isclose(w, P_PARITY, abs_tol=1e-6) for w in wanted):
+        schedule, label = "uniform", "equal (uniform)"
+    else:
+        schedule, label = wanted, "equal (schedule=list)"
+    ours = apply_stochastic_depth(copy.deepcopy(plain), P_PARITY, schedule=schedule, example_inputs=inputs,
+                                  verify=False)
+    diff, scale = 0.0, 1.0
+    for seed in (0, 1):
+        expected = _train_outputs(native, inputs, seed)
+        diff = max(diff, _max_abs_diff(expected, _train_outputs(ours, inputs, seed)))
+        scale = max(scale, _max_abs(expected))
+    # Equal up to float rounding: timm scales the mask before multiplying, we after.
+    return (label if diff <= 1e-5 * scale else "differs"), diff
+
+
+def _max_abs(value) -> float:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.float().abs().max().item() if value.numel() else 0.0
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return max((_max_abs(v) for v in value), default=0.0)
+    return 0.0
+
 
 def run_one(zoo: str, family: str, name: str) -> Row:
     """Build, plan, retrofit, verify and (timm) compare one model with timm's native drop path."""
@@ -325,9 +468,13 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
         return row
 
     plain = _build(zoo, name)
-    side = max(sdsurgery.default_example_inputs(plain, batch_size=1)[0].shape[-2:])
-    row.batch = 1 if row.params_m > LARGE_PARAMS_M or side > LARGE_SIDE else BATCH
-    inputs = sdsurgery.default_example_inputs(plain, batch_size=row.batch)
+    if zoo == "dense":
+        row.batch = 1 if row.params_m > LARGE_PARAMS_M or dense_family(name) == "video" else BATCH
+        row.expected_blocks = DENSE_MODELS[name][2]
+    else:
+        side = max(sdsurgery.default_example_inputs(plain, batch_size=1)[0].shape[-2:])
+        row.batch = 1 if row.params_m > LARGE_PARAMS_M or side > LARGE_SIDE else BATCH
+    inputs = _example_inputs(zoo, name, plain, row.batch)
     try:
         plan = plan_stochastic_depth(plain, P_MAX, example_inputs=inputs)
     except Exception as error:  # a TraceError names the module; anything else is reported as it is
@@ -335,6 +482,7 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
         row.total_s = round(time.perf_counter() - started, 2)
         return row
     row.sites, row.blocks, row.untraced = len(plan.sites), plan.num_blocks, len(plan.untraced)
+    row.left_alone = len(plan.left_alone)
     row.specialised = len(plan.specialised)
     row.status = "partial" if plan.untraced else "whole"
     row.reason = "; ".join(f"{p or '<root>'}: {why}" for p, why in list(plan.untraced.items())[:3])
@@ -368,6 +516,10 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
             row.native_rule, row.placement, row.rates = _compare_with_native(name, plain, result, row.batch)
         except Exception as error:
             row.native_rule, row.placement = "error", f"{type(error).__name__}: {_first_line(error)}"
+    try:
+        row.parity, row.parity_max_abs_diff = _parity(zoo, name, plain, inputs)
+    except Exception as error:
+        row.parity = f"error: {type(error).__name__}: {_first_line(error)}"
     row.total_s = round(time.perf_counter() - started, 2)
     return row
 
@@ -539,7 +691,7 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
-    parser.add_argument("--zoo", choices=("all", "timm", "torchvision"), default="all")
+    parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "dense"), default="all")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
