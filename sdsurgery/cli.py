@@ -407,6 +407,12 @@ def format_sites(plan: SurgeryPlan) -> list[str]:
         f"rates {totals['min_drop_rate']:.4g} to {totals['max_drop_rate']:.4g} (mean {totals['mean_drop_rate']:.4g}), "
         f"expected depth in training {totals['expected_depth']:.4g} of {totals['num_blocks']}"
     )
+    if plan.left_alone:
+        lines.append(
+            f"left alone: {_count(len(plan.left_alone), 'residual block')} outside the repeated blocks "
+            f"({', '.join(path or '(model forward)' for path in plan.left_alone)}); the Python API's include= "
+            "retrofits them"
+        )
     lines += [f"not traced, kept as is: {path or '(model forward)'} ({why})" for path, why in plan.untraced.items()]
     return lines
 
@@ -434,6 +440,7 @@ def _plan_document(spec: ModelSpec, args: argparse.Namespace, plan: SurgeryPlan)
             }
             for site in plan.sites
         ],
+        "left_alone": list(plan.left_alone),
         "untraced": dict(plan.untraced),
     }
 

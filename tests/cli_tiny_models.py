@@ -35,6 +35,26 @@ class TinyResidual(nn.Module):
 
 
 
+class DepthwiseResidual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, groups=channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+class WithLightDownsample(TinyResidual):
+    """TinyResidual's two repeated blocks after a light residual ``x + dwconv(x)`` outside them: left alone."""
+
+    def __init__(self, channels: int = 4, num_classes: int = 3) -> None:
+        super().__init__(channels, num_classes)
+        self.down = DepthwiseResidual(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.down(self.stem(x))).mean(dim=(2, 3)))
+
+
 class Noisy(TinyResidual):
     """Its eval outputs change from call to call, so no retrofit of it can verify."""
 

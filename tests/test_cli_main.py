@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import sdsurgery
-from cli_tiny_models import HalfTraceable, Noisy, TinyResidual
+from cli_tiny_models import HalfTraceable, Noisy, TinyResidual, WithLightDownsample
 from sdsurgery import checkpoint
 from sdsurgery.cli import main
 from sdsurgery.models import ModelSpec, ModelSpecError
@@ -195,3 +196,23 @@ def test_inspect_lists_modules_that_do_not_trace(capsys: pytest.CaptureFixture[s
     assert "total: 1 residual site in 1 block," in captured.out
     assert "not traced, kept as is: blocks.1 (" in captured.out
     assert captured.err == ""
+
+
+def test_inspect_names_the_residuals_left_alone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    torch.save(WithLightDownsample(), tmp_path / "down.pt")
+    assert main(["inspect", str(tmp_path / "down.pt"), "--trust-pickle"]) == 0
+    out = capsys.readouterr().out
+    assert "total: 2 residual sites in 2 blocks," in out
+    assert "left alone: 1 residual block outside the repeated blocks (down); the Python API's include= " \
+        "retrofits them" in out
+
+
+def test_inspect_without_residuals_left_alone_prints_no_such_line(capsys: pytest.CaptureFixture[str], tiny_file: Path) -> None:
+    assert main(["inspect", str(tiny_file), "--trust-pickle"]) == 0
+    assert "left alone" not in capsys.readouterr().out
+
+
+def test_inspect_json_lists_the_residuals_left_alone(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    torch.save(WithLightDownsample(), tmp_path / "down.pt")
+    assert main(["inspect", str(tmp_path / "down.pt"), "--trust-pickle", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["left_alone"] == ["down"]
