@@ -551,6 +551,13 @@ def _is_residual_model(row: Row) -> bool:
     return row.status in ("whole", "partial") or (row.status == "failed" and row.sites > 0)
 
 
+def _has_parity(row: Row) -> bool:
+    """Whether ``row``'s model has native stochastic depth to compare train outputs with."""
+    if row.parity:
+        return not row.parity.startswith("n/a")
+    return row.zoo == "timm" and bool(row.native_rule) and not row.native_rule.startswith(("none", "error"))
+
+
 def summarise(rows: list[Row]) -> dict[str, str]:
     """The headline numbers of the issue's targets."""
     tv = [r for r in rows if r.zoo == "torchvision"]
@@ -562,35 +569,69 @@ def summarise(rows: list[Row]) -> dict[str, str]:
     native = [r for r in tm if r.placement not in ("", "n/a") and not r.native_rule.startswith("none")]
     on_residual = [r for r in native if not r.placement.startswith(OFF_RESIDUAL)]
     equal = [r for r in native if r.placement == "equal"]
+    tm_native = [r for r in tm if _has_parity(r)]
+    tm_native_residual = [r for r in tm_native if not r.placement.startswith(OFF_RESIDUAL)]
+    tm_parity = [r for r in tm_native if r.parity.startswith("equal")]
+    tm_default = [r for r in tm_native if r.parity in ("equal", "equal (uniform)")]
+    tv_native = [r for r in rows if r.zoo in ("torchvision", "dense") and _has_parity(r)]
+    tv_parity = [r for r in tv_native if r.parity.startswith("equal")]
+    tv_families = sorted({_torchvision_family(r.model) for r in tv_native})
+    tv_families_ok = [f for f in tv_families if all(
+        r.parity.startswith("equal") for r in tv_native if _torchvision_family(r.model) == f
+    )]
+    dense = [r for r in rows if r.zoo == "dense"]
+    dense_ok = [r for r in dense if r.blocks == r.expected_blocks and (r.verified == "ok" or r.status == "no-residual")]
     pct = lambda a, b: f"{len(a)}/{len(b)} = {100 * len(a) / max(len(b), 1):.1f}%"  # noqa: E731
     return {
         "torchvision classifiers with residual additions, retrofitted and verified (target 100%)": pct(
             tv_ok, tv_residual
         ),
         "torchvision classifiers without residual additions (clear NoResidualSitesError)": str(len(tv) - len(tv_residual)),
-        "timm families with residual additions, retrofitted (whole or partial) and verified (target 97%)": pct(
+        "timm families with residual additions, retrofitted (whole or partial) and verified (target 100%)": pct(
             tm_ok, tm_residual
         ),
         "timm families without residual additions (clear NoResidualSitesError)": str(
             sum(r.status == "no-residual" for r in tm)
         ),
-        "timm families with native drop path whose placement equals timm's (target 90%)": pct(equal, native),
+        "timm families with native drop path whose placement equals timm's": pct(equal, native),
         "... of those whose native drop path is on residual branches": pct(equal, on_residual),
+        "timm families with native drop path whose train outputs equal timm's, same weights and seed "
+        "(placement and rates; target 95%)": pct(tm_parity, tm_native),
+        "... of the timm families whose native drop path is on residual branches": pct(tm_parity, tm_native_residual),
+        "... with the default schedule (linear, or uniform where timm's is uniform)": pct(tm_default, tm_native),
+        "torchvision models with stochastic_depth_prob whose train outputs equal torchvision's (target 100%)": pct(
+            tv_parity, tv_native
+        ),
+        "... torchvision families (" + ", ".join(tv_families) + ")": pct(tv_families_ok, tv_families),
+        "torchvision dense-prediction models whose blocks are exactly the residual blocks of the backbone": pct(
+            dense_ok, dense
+        ),
         "timm families skipped as too large": str(sum(r.status == "skipped" for r in tm)),
     }
+
+
+def _torchvision_family(name: str) -> str:
+    return name.split("_")[0].rstrip("0123456789") if not name.startswith("efficientnet_v2") else "efficientnet_v2"
 
 
 def _miss(row: Row) -> str:
     """Which target ``row`` misses ('' for none)."""
     if row.status in ("no-residual", "skipped"):
+        if row.zoo == "dense" and row.expected_blocks != 0:
+            return f"{row.status}, expected {row.expected_blocks} blocks"
         return f"placement {row.placement}" if row.placement.startswith("differs") else ""
     if row.status not in ("whole", "partial"):
         return f"{row.status}: {row.reason}"
     if row.verified != "ok":
         return f"verifier {row.verified}"
+    problems = []
+    if row.zoo == "dense" and row.blocks != row.expected_blocks:
+        problems.append(f"{row.blocks} blocks, expected {row.expected_blocks}")
     if row.placement.startswith("differs") or row.native_rule == "error":
-        return f"placement {row.placement}"
-    return ""
+        problems.append(f"placement {row.placement}")
+    if row.parity.startswith(("differs", "error")):
+        problems.append(f"train outputs {row.parity} (max |diff| {row.parity_max_abs_diff:.3g})")
+    return "; ".join(problems)
 
 
 def _read_csv(path: Path) -> list[Row]:
@@ -609,6 +650,12 @@ def _read_csv(path: Path) -> list[Row]:
                     values[name] = text
             rows.append(Row(**values))
     return rows
+
+
+def _parity_cell(row: Row) -> str:
+    if not row.parity or row.parity.startswith("n/a") or math.isnan(row.parity_max_abs_diff):
+        return row.parity
+    return f"{row.parity} ({row.parity_max_abs_diff:.2g})"
 
 
 def _cell(value) -> str:
@@ -651,16 +698,30 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
             cause = KNOWN_CAUSES.get(r.model, "**unexplained**")
             lines.append(f"- **{r.model}** ({r.zoo} {r.family}): {miss}. Cause: {cause}")
     lines.append("")
-    headers = ["model", "params M", "batch", "status", "sites", "blocks", "untraced", "specialised", "verifier",
-               "surgery s", "native rule", "placement vs timm", "rates", "reason / untraced modules"]
+    headers = ["model", "params M", "batch", "status", "sites", "blocks", "left alone", "untraced", "specialised",
+               "verifier", "surgery s", "native rule", "placement vs timm", "rates", "train outputs vs native",
+               "reason / untraced modules"]
     for zoo in ("torchvision", "timm"):
         lines += [f"## {zoo}", "", "| " + ("family | " if zoo == "timm" else "") + " | ".join(headers) + " |",
                   "|" + "---|" * (len(headers) + (zoo == "timm"))]
         for r in (r for r in rows if r.zoo == zoo):
-            cells = [r.model, r.params_m, r.batch, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
-                     r.surgery_s, r.native_rule, r.placement, r.rates, r.reason]
+            cells = [r.model, r.params_m, r.batch, r.status, r.sites, r.blocks, r.left_alone, r.untraced,
+                     r.specialised, r.verified, r.surgery_s, r.native_rule, r.placement, r.rates, _parity_cell(r),
+                     r.reason]
             lines.append("| " + (f"{r.family} | " if zoo == "timm" else "") + " | ".join(map(_cell, cells)) + " |")
         lines.append("")
+    dense_headers = ["task", "model", "params M", "batch", "status", "expected blocks", "sites", "blocks", "left alone",
+                     "untraced", "verifier", "surgery s", "train outputs vs native", "reason / untraced modules"]
+    lines += ["## torchvision dense prediction", "",
+              "Expected blocks: the residual blocks of the backbone (ResNet-50: 16, ResNet-101: 33, MobileNetV3-Large: "
+              "10, R(2+1)D/MC3/R3D-18: 8, Swin3D-T/S/B: 12/24/24, MViT: 16; SSD300-VGG16 and S3D have none). Heads, "
+              "feature pyramids and ASPP modules hold no residual block.", "",
+              "| " + " | ".join(dense_headers) + " |", "|" + "---|" * len(dense_headers)]
+    for r in (r for r in rows if r.zoo == "dense"):
+        cells = [r.family, r.model, r.params_m, r.batch, r.status, r.expected_blocks, r.sites, r.blocks, r.left_alone,
+                 r.untraced, r.verified, r.surgery_s, _parity_cell(r), r.reason]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    lines.append("")
     lines += [
         "## Columns",
         "",
@@ -683,6 +744,17 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
         "non-zero rates in call order: `linear` i/(L-1), `uniform`, `i/N` (EfficientNet-style, N counting "
         "blocks without a residual), `other`. Rates are compared exactly for linear (our default schedule) "
         "and uniform; for i/N we check that our depth order is timm's (rates rise along it).",
+        "- **left alone**: residual blocks outside the model's repeated blocks (downsampling layers, patch "
+        "embeddings, position encodings between blocks), not retrofitted by default (residual-rules.md, section 4).",
+        f"- **train outputs vs native**: the native model built with `drop_path_rate={P_PARITY}` (timm) or "
+        f"`stochastic_depth_prob={P_PARITY}` (torchvision), loaded with the same weights, against our retrofit at "
+        f"p_max = {P_PARITY}: train-mode outputs under `torch.manual_seed(0)` and `(1)` are compared (equal up to float "
+        "rounding: max |diff| at most 1e-5 of the largest output). This checks placement *and* rates and the "
+        "order of the random draws. `equal`: with our default linear schedule; `equal (uniform)`: with "
+        "`schedule=\"uniform\"` (the native rates are uniform); `equal (schedule=list)`: the native rule is "
+        "neither (EfficientNet's i/N counts blocks without a residual; DaViT-style, VOLO-style or per-stage rules), "
+        "so the native rate of each of our blocks is passed as `schedule=[...]`: placement and grouping are "
+        "checked, not the rule. The number after the verdict is the max |diff|.",
         "",
     ]
     (out / "zoo.md").write_text("\n".join(lines))
@@ -695,12 +767,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
-    parser.add_argument("--from-csv", type=Path, help="rewrite the report from this CSV without running models")
+    parser.add_argument("--from-csv", type=Path, nargs="+",
+                        help="rewrite the report from these CSVs (parts of one sweep) without running models")
     parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        rows = _read_csv(args.from_csv)
+        rows = [row for path in args.from_csv for row in _read_csv(path)]
+        order = {zoo: i for i, zoo in enumerate(("torchvision", "timm", "dense"))}
+        rows.sort(key=lambda r: order.get(r.zoo, len(order)))
         write_reports(rows, args.out, args.wall_min * 60, "python benchmarks/zoo.py")
         print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
         return 0

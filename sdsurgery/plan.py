@@ -1,7 +1,8 @@
 """Finding the residual sites of a whole model and planning their drop rates by depth (a dry run).
 
 The model is traced as well as it goes (:mod:`.parts`); the residual additions of every traced part
-(:mod:`.residuals`) are numbered by depth in execution order across parts, and the schedule rates them.
+(:mod:`.residuals`) are grouped into the model's repeated blocks (:mod:`.repeated`), those outside them left
+alone, and the blocks numbered by depth in execution order across parts; the schedule rates them.
 """
 
 from __future__ import annotations
@@ -107,9 +108,12 @@ def plan_stochastic_depth(
 ) -> SurgeryPlan:
     """Trace ``model`` and plan stochastic depth on each residual branch, rates rising with depth.
 
-    Additions owned by one block module share a depth index and a rate; additions written in the model's
-    own forward are one block each. ``include``/``exclude`` keep or drop sites by their block's path glob
-    or class. ``example_inputs`` (default: a random input of the model's known input size) are used only
+    Additions inside one repeated block (the element a stage repeats, see :mod:`.repeated`) share a depth
+    index and a rate; additions outside the repeated blocks are left alone (``SurgeryPlan.left_alone``).
+    In a model that repeats no block, additions owned by one module share a depth index and those written
+    in the model's own forward are one block each. ``include`` chooses the blocks among all residual blocks,
+    those left alone included (``["*"]``: all of them), ``exclude`` drops blocks; both take path globs
+    matched against the module holding the addition and its repeated block, or classes. ``example_inputs`` (default: a random input of the model's known input size) are used only
     where code traces only with concrete shapes, or to order the parts when the model's own forward does
     not trace (see the module docstring). Raises ``TraceError`` when nothing with a residual addition
     traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The

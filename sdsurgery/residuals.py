@@ -9,8 +9,12 @@ An addition is a residual site when
     parametrised layers (projection shortcut); paths of equal depth are a multi-branch sum (Inception,
     re-parameterisable convolutions, two classifier heads), not a residual. Judged by the graph, never by
     operand position,
+  * the branch's path from the fork lies in the forward of the module that holds the addition: a sum whose
+    longer path runs through other modules merges paths that forked elsewhere (a feature pyramid's top-down
+    sum, a head adding two classifiers, a decoder adding an encoder feature) and is no residual,
   * the branch, the nodes that lead to the branch operand but not to the skip, holds parameters
     (parameter-free polynomials such as tanh-GELU's ``x + 0.044715 * x**3`` are not residuals).
+"Computed from" follows values: a shape read (``x.shape``) does not make one tensor computed from another.
 By default only trunk residuals are kept: a site whose addition lies inside other sites' branches, with its
 result used only there, is nested (:func:`is_nested`), and a light site inside a block that owns residuals
 of its own is part of that block (:func:`is_sub_block`). docs/residual-rules.md explains the rules.

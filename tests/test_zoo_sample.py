@@ -21,6 +21,7 @@ def rows():
         ("timm", "mobilenetv3", "mobilenetv3_small_100"),
         ("timm", "levit", "levit_128s"),
         ("timm", "cait", "cait_xxs24_224"),
+        ("dense", "segmentation", "lraspp_mobilenet_v3_large"),
     ]
     return {name: zoo.run_one(*job) for job in sample for name in [job[2]]}
 
@@ -40,6 +41,32 @@ def test_shape_dependent_timm_blocks_are_specialised_and_match_timm(rows):
     row = rows["tiny_vit_5m_224"]
     assert (row.status, row.sites, row.blocks, row.untraced, row.specialised) == ("whole", 22, 12, 0, 10)
     assert (row.verified, row.native_rule, row.placement, row.rates) == ("ok", "linear", "equal", "equal")
+
+
+def test_train_outputs_equal_timms_native_drop_path_with_the_default_schedule(rows):
+    row = rows["tiny_vit_5m_224"]
+    assert row.parity == "equal" and row.parity_max_abs_diff < 1e-4
+
+
+def test_uniform_native_rates_are_reproduced_with_the_uniform_schedule(rows):
+    assert rows["levit_128s"].parity == "equal (uniform)"
+
+
+def test_native_rules_we_do_not_schedule_are_reproduced_with_a_list(rows):
+    # MobileNetV3's i/N counts blocks without a residual; CaiT's class-attention blocks have rate 0.
+    assert rows["mobilenetv3_small_100"].parity == "equal (schedule=list)"
+    assert rows["cait_xxs24_224"].parity == "equal (schedule=list)"
+
+
+def test_model_without_native_stochastic_depth_has_no_parity_check(rows):
+    assert rows["resnet18"].parity == "n/a (no native stochastic depth)"
+
+
+def test_dense_model_has_exactly_its_backbone_blocks(rows):
+    row = rows["lraspp_mobilenet_v3_large"]
+    assert (row.status, row.expected_blocks, row.sites, row.blocks, row.left_alone, row.verified) == (
+        "whole", 10, 10, 10, 0, "ok"
+    )
 
 
 def test_untraceable_timm_attention_is_kept_whole_and_reported(rows):
@@ -69,7 +96,10 @@ def test_report_states_the_targets_and_lists_every_model(rows, tmp_path):
     zoo.write_reports(list(rows.values()), tmp_path, wall_s=60.0, command="python benchmarks/zoo.py")
     report = (tmp_path / "zoo.md").read_text()
     assert "torchvision classifiers with residual additions, retrofitted and verified (target 100%): **1/1 = 100.0%**" in report
-    assert "timm families with native drop path whose placement equals timm's (target 90%): **5/5 = 100.0%**" in report
+    assert "timm families with native drop path whose placement equals timm's: **5/5 = 100.0%**" in report
+    assert ("timm families with native drop path whose train outputs equal timm's, same weights and seed (placement "
+            "and rates; target 95%): **5/5 = 100.0%**") in report
+    assert "| segmentation | lraspp_mobilenet_v3_large |" in report
     assert all(f"| {name} |" in report for name in rows)
     csv_lines = (tmp_path / "zoo.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows)
