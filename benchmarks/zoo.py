@@ -28,6 +28,7 @@ import sys
 import time
 import traceback
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -765,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
     parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "dense"), default="all")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
+    parser.add_argument("--jobs", type=int, default=1, help="models run side by side (one thread each)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--from-csv", type=Path, nargs="+",
@@ -793,18 +795,22 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     jobs = [j for j in all_jobs() if args.zoo in ("all", j[0]) and (not args.only or j[2] in args.only)]
-    started = time.perf_counter()
-    rows = []
-    for index, (zoo, family, name) in enumerate(jobs, 1):
-        row = _run_in_subprocess(zoo, family, name, args.timeout)
-        rows.append(row)
-        print(f"[{index}/{len(jobs)}] {zoo} {name}: {row.status} sites={row.sites} verified={row.verified} "
-              f"placement={row.placement} {row.total_s}s {row.reason[:120]}", flush=True)
     command = "python benchmarks/zoo.py" + (f" --zoo {args.zoo}" if args.zoo != "all" else "")
-    write_reports(rows, args.out, time.perf_counter() - started, command)
+    started = time.perf_counter()
+    done: dict[int, Row] = {}
+    # Workers are subprocesses; threads only wait for them. The report is rewritten after every model, so
+    # an interrupted sweep leaves the rows it finished.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(_run_in_subprocess, *job, args.timeout): i for i, job in enumerate(jobs)}
+        for future in as_completed(futures):
+            row = done[futures[future]] = future.result()
+            print(f"[{len(done)}/{len(jobs)}] {row.zoo} {row.model}: {row.status} sites={row.sites} "
+                  f"verified={row.verified} placement={row.placement} parity={row.parity} {row.total_s}s "
+                  f"{row.reason[:120]}", flush=True)
+            rows = [done[i] for i in sorted(done)]
+            write_reports(rows, args.out, time.perf_counter() - started, command)
     print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())
