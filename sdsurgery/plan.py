@@ -17,7 +17,7 @@ from torch import nn
 from .inputs import ExampleInputs, example_call
 from .ops import _check_rate
 from .parts import execution_order, trace_model
-from .repeated import find_repeated_blocks
+from .repeated import find_repeated_blocks, residuals_left_alone
 from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .schedules import Schedule, drop_rates
 from .tracing import ModuleCall, TraceOptions, owner_path
@@ -69,8 +69,9 @@ class SurgeryPlan:
     """How many module calls enclose each block's call (a shared module registered near the root may be
     called deep inside a block); blocks missing here count their path's depth."""
     left_alone: list[str] = field(default_factory=list)
-    """Modules holding residual additions outside the model's repeated blocks (downsampling layers, patch
-    embeddings, position encodings between blocks), left alone by default; ``include=`` retrofits them."""
+    """Modules holding light residual additions outside the model's repeated blocks (downsampling layers,
+    patch embeddings, position encodings between blocks) or additions in the model's own forward ('') while
+    it repeats blocks, left alone by default; ``include=`` retrofits them."""
     repeated_blocks: tuple[str, ...] = ()
     """The repeated blocks (the elements a stage repeats) that hold residual sites; each is one unit of
     depth and rate, whatever number of residual sub-blocks it holds. Empty when the model repeats none."""
@@ -144,10 +145,11 @@ def plan_stochastic_depth(
         raise traced.root_error
 
     repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
+    alone = residuals_left_alone(repeated, [(path, a.branch_parameters) for path, a, _ in candidates])
     adds: list[tuple[str, ResidualAdd, int, str]] = []  # (block path, add, ordinal, block key)
     left_alone: list[str] = []
     for path, a, ordinal in candidates:
-        unit = repeated.block_of(path)
+        unit = None if path in alone else repeated.block_of(path) or path
         paths = [path] if unit in (None, path) else [path, unit]
         if any(_matches(p, model.get_submodule(p), exclude) for p in paths):
             continue

@@ -17,9 +17,11 @@ A module's *kind* is its class; for a generic container (``nn.Sequential``, ``nn
 convolutions is not the kind of its ``ModuleList`` stages.
 
 A repeated block that holds several residual sub-blocks (MaxViT's MBConv, block and grid attention;
-DaViT's spatial and channel pair) is one unit. Sites outside every repeated block (downsampling layers,
-patch embeddings, position encodings between blocks, additions in the model's own forward) are *left alone*
-by default. A model without any stage has no repeated blocks: each block path is its own unit.
+DaViT's spatial and channel pair) is one unit. *Light* residuals outside every repeated block (depthwise
+residuals in downsampling layers, patch embeddings, position encodings between blocks) and additions in the
+model's own forward (long skips) are *left alone* by default (:func:`residuals_left_alone`); a heavy one
+(LeViT's residual MLP in its downsampling) is a unit of its own. A model without any stage has no repeated
+blocks: each block path is its own unit.
 """
 
 from __future__ import annotations
@@ -86,6 +88,32 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
         sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements))
     )
     return RepeatedBlocks(tuple(sorted(stages)), blocks)
+
+
+def residuals_left_alone(repeated: RepeatedBlocks, sites: Sequence[tuple[str, int]]) -> set[str]:
+    """The modules holding residual sites outside the repeated blocks that are left alone, given each site's
+    block path and branch parameter count in execution order: the model's own forward (its additions merge
+    paths around the blocks), and *light* modules, whose every branch holds fewer parameters than each branch
+    of the nearest repeated block (the next one in execution order, else the last one before)."""
+    if not repeated.blocks:
+        return set()
+    units = [repeated.block_of(path) for path, _ in sites]
+    heaviest: dict[str, int] = {}
+    lightest: dict[str, int] = {}
+    for (path, parameters), unit in zip(sites, units):
+        if unit is None:
+            heaviest[path] = max(heaviest.get(path, 0), parameters)
+        else:
+            lightest[unit] = min(lightest.get(unit, parameters), parameters)
+    alone = set()
+    for index, ((path, _), unit) in enumerate(zip(sites, units)):
+        if unit is not None or path in alone:
+            continue
+        following = [u for u in units[index + 1:] if u is not None]
+        nearest = following[0] if following else next(u for u in reversed(units[:index]) if u is not None)
+        if not path or heaviest[path] < lightest[nearest]:
+            alone.add(path)
+    return alone
 
 
 def _parent(path: str) -> str:

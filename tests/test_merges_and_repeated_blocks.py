@@ -339,6 +339,34 @@ def test_light_downsampling_residual_is_left_alone_by_default():
     assert [s.drop_rate for s in plan.sites] == [0.0, 0.05, 0.1]
 
 
+class HeavyDownsample(nn.Module):
+    """A strided convolution followed by a residual MLP wider than the blocks' branches (LeViT's downsampling)."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.reduce = nn.Conv2d(c, c, 3, stride=2, padding=1)
+        self.mlp = nn.Sequential(nn.Conv2d(c, 8 * c, 1), nn.GELU(), nn.Conv2d(8 * c, c, 1))
+
+    def forward(self, x):
+        x = self.reduce(x)
+        return x + self.mlp(x)
+
+
+def test_heavy_residual_outside_the_repeated_blocks_is_a_block_of_its_own():
+    model = StagedNet()
+    model.stages[1].downsample = HeavyDownsample()
+    plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
+    assert [s.block_path for s in plan.sites] == [
+        "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample", "stages.1.blocks.0",
+    ]
+    assert plan.left_alone == ["stages.0.downsample"]
+
+
+def test_levit_downsampling_mlp_keeps_its_drop_path_as_in_timm():
+    plan = plan_stochastic_depth(timm.create_model("levit_128s"), 0.1)
+    assert (len(plan.sites), plan.num_blocks, plan.left_alone) == (20, 11, [])
+
+
 def test_include_adds_the_residuals_left_alone():
     plan = plan_stochastic_depth(StagedNet(), 0.1, include=["*"], example_inputs=IMAGE)
     assert [s.block_path for s in plan.sites] == [
