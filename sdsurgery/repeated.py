@@ -4,11 +4,18 @@ timm and torchvision give stochastic depth to the *element a stage repeats* — 
 ``Sequential`` / ``ModuleList`` — and to nothing outside those elements. This module finds those elements
 from the module tree and from where the residual sites lie, never from a family or class name:
 
-* a **stage** is a module whose forward holds no residual addition itself, whose children that hold sites
-  are all of one kind, and two of whose children are called back to back (a site of one child is directly
-  followed, in execution order, by a site of another: the stage runs one block after the other);
-* a **repeated element** is a child of a stage, or any module of the same kind elsewhere (a stage of depth
-  one, such as RegNet's first stages, repeats nothing itself but holds the same block);
+* a **run** is a module whose forward holds no residual addition itself and that runs two of its children
+  that hold sites back to back (a site of one child is directly followed, in execution order, by a site of
+  another); a run whose children that hold sites are all of one kind *repeats* that kind;
+* a **repeated element** is a child of a run that repeats its kind, or any module of such a kind elsewhere
+  (a stage of depth one, such as RegNet's first stages, repeats nothing itself but holds the same block);
+* a **compound block** is a run of children of several kinds that lies inside a repeated element holding no
+  other repeated element, and whose composition (the kinds of its children, recursively) occurs more than
+  once in the model: MaxViT's MBConv, block attention and grid attention, DaViT's spatial and channel pair;
+* a run of several kinds that is no compound block is a **stage** too, and its children are repeated
+  elements, when it lies inside a repeated element holding no other one (iFormer's last stage), or when it
+  is a generic container some of whose children are of a repeated kind (hybrid stages: NextViT's and
+  EdgeNeXt's convolution and transformer blocks, MobileNetV5);
 * the **repeated blocks** are the innermost repeated elements: those holding no other repeated element.
 
 A module's *kind* is its class; for a generic container (``nn.Sequential``, ``nn.ModuleList``,
@@ -26,6 +33,7 @@ blocks: each block path is its own unit.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -77,13 +85,40 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
         for p, q in zip(site_paths, site_paths[1:])
         if p != q and not _is_within(p, q) and not _is_within(q, p)
     }
-    stages = tuple(
+    runs = [path for path in children if path in back_to_back and path not in own]
+    uniform = [path for path in runs if len({kind(k) for k in children[path]}) == 1]
+    element_kinds = {kind(k) for stage in uniform for k in children[stage]}
+    repeated = {path for path in holders if path and kind(path) in element_kinds}
+    repeated.update(k for stage in uniform for k in children[stage])
+    innermost = {e for e in repeated if not any(o != e and _is_within(o, e) for o in repeated)}
+
+    signatures: dict[str, Hashable] = {}
+
+    def signature(path: str) -> Hashable:
+        if path not in signatures:
+            signatures[path] = (kind(path), tuple(signature(c) for c in children.get(path, ())))
+        return signatures[path]
+
+    counts = Counter(signature(path) for path in holders)
+    compound = {
         path
-        for path, kids in children.items()
-        if path in back_to_back and path not in own and len({kind(k) for k in kids}) == 1
-    )
-    element_kinds = {kind(k) for stage in stages for k in children[stage]}
-    elements = {path for path in holders if path and kind(path) in element_kinds}
+        for path in runs
+        if path not in uniform
+        and counts[signature(path)] > 1
+        and any(_is_within(path, e) for e in innermost)
+    }
+    stages = uniform + [
+        path
+        for path in runs
+        if path not in uniform
+        and path not in compound
+        and (
+            any(_is_within(path, e) for e in innermost)
+            or isinstance(model.get_submodule(path), _GENERIC_CONTAINERS)
+            and any(kind(k) in element_kinds for k in children[path])
+        )
+    ]
+    elements = repeated | {k for stage in stages for k in children[stage]}
     blocks = tuple(
         sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements))
     )
@@ -93,25 +128,22 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
 def residuals_left_alone(repeated: RepeatedBlocks, sites: Sequence[tuple[str, int]]) -> set[str]:
     """The modules holding residual sites outside the repeated blocks that are left alone, given each site's
     block path and branch parameter count in execution order: the model's own forward (its additions merge
-    paths around the blocks), and *light* modules, whose every branch holds fewer parameters than each branch
-    of the nearest repeated block (the next one in execution order, else the last one before)."""
+    paths around the blocks), and *light* modules, whose every branch holds fewer parameters than the heaviest
+    branch of the nearest repeated block (the next one in execution order, else the last one before)."""
     if not repeated.blocks:
         return set()
     units = [repeated.block_of(path) for path, _ in sites]
     heaviest: dict[str, int] = {}
-    lightest: dict[str, int] = {}
     for (path, parameters), unit in zip(sites, units):
-        if unit is None:
-            heaviest[path] = max(heaviest.get(path, 0), parameters)
-        else:
-            lightest[unit] = min(lightest.get(unit, parameters), parameters)
+        key = path if unit is None else unit
+        heaviest[key] = max(heaviest.get(key, 0), parameters)
     alone = set()
     for index, ((path, _), unit) in enumerate(zip(sites, units)):
         if unit is not None or path in alone:
             continue
         following = [u for u in units[index + 1:] if u is not None]
         nearest = following[0] if following else next(u for u in reversed(units[:index]) if u is not None)
-        if not path or heaviest[path] < lightest[nearest]:
+        if not path or heaviest[path] < heaviest[nearest]:
             alone.add(path)
     return alone
 
