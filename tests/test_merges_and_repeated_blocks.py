@@ -279,6 +279,25 @@ def test_repeated_sub_blocks_of_one_kind_keep_an_index_each():
     assert plan.num_blocks == 3 and [s.depth for s in plan.sites] == [0, 0, 1, 1, 2, 2]
 
 
+def test_hybrid_stage_repeats_its_other_blocks_too():
+    # NextViT / EdgeNeXt: a stage of convolution blocks ending in a transformer-like block of another kind.
+    model = nn.Sequential(nn.Sequential(Res(), Res()), nn.Sequential(Res(), Res(), Attention()))
+    plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
+    assert plan.repeated_blocks == ("0.0", "0.1", "1.0", "1.1", "1.2") and plan.left_alone == []
+    assert [s.depth for s in plan.sites] == [0, 1, 2, 3, 4, 4]
+
+
+def test_stage_of_distinct_sub_blocks_numbers_each():
+    # iFormer's last stage: position encoding, attention and MLP blocks in a row, a composition that does not
+    # repeat: each is a block of its own (as in timm), not one compound unit.
+    model = nn.Sequential(
+        nn.Sequential(Res(), Res()),
+        nn.Sequential(Res(), nn.Sequential(Res(3), Attention(), Res(1))),
+    )
+    plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
+    assert plan.num_blocks == 6 and [s.depth for s in plan.sites] == [0, 1, 2, 3, 4, 4, 5]
+
+
 def _train_outputs(model, x, seed=0):
     torch.manual_seed(seed)
     return model.train()(x)
