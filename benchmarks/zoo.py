@@ -772,13 +772,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--from-csv", type=Path, nargs="+",
                         help="rewrite the report from these CSVs (parts of one sweep) without running models")
     parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
+    parser.add_argument("--command", default="python benchmarks/zoo.py",
+                        help="with --from-csv: how the sweep was run, for the report's header")
     args = parser.parse_args(argv)
 
     if args.from_csv:
-        rows = [row for path in args.from_csv for row in _read_csv(path)]
+        # A model measured again in a later CSV (a rerun of a few models) replaces its earlier row.
+        latest = {(row.zoo, row.model): row for path in args.from_csv for row in _read_csv(path)}
+        rows = list(latest.values())
         order = {zoo: i for i, zoo in enumerate(("torchvision", "timm", "dense"))}
         rows.sort(key=lambda r: order.get(r.zoo, len(order)))
-        write_reports(rows, args.out, args.wall_min * 60, "python benchmarks/zoo.py")
+        write_reports(rows, args.out, args.wall_min * 60, args.command)
         print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
         return 0
 
