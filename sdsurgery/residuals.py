@@ -170,6 +170,15 @@ def _inside(node: fx.Node, block_path: str) -> bool:
     return any(path == block_path for path, _ in stack.values())
 
 
+def _caller(node: fx.Node) -> str | None:
+    """The module whose forward calls the module that computes ``node`` ('' for the model), or ``None`` when
+    the model's own forward computes it."""
+    stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+    if not stack or not stack[-1]:
+        return None
+    return stack[-2] if len(stack) > 1 else ""
+
+
 def _has_input(nodes: set[fx.Node]) -> bool:
     return any(n.op == "placeholder" for n in nodes)
 
@@ -264,8 +273,16 @@ def classify_add(
     # from the fork lies inside the block. A sum whose longer path runs through other modules merges paths
     # that forked elsewhere (a feature pyramid's top-down sum, a head adding two classifiers, a decoder
     # adding an encoder feature): no residual.
-    path = _downstream(_forks(common), on_branch & dependent) | ({branch} & on_branch)
+    forks = _forks(common)
+    path = _downstream(forks, on_branch & dependent) | ({branch} & on_branch)
     if any(not _inside(n, block_path) for n in path):
+        return None
+    # The shortcut may be computed by the module that calls the block (DLA projects it there), not by one
+    # beside them: HRNet's fusion adds a stream made by a transition layer of the model.
+    on_skip = value_ancestors(skip) - value_ancestors(branch)
+    skip_path = _downstream(forks, on_skip & dependent) | ({skip} & on_skip)
+    caller = _caller(node)
+    if caller is not None and any(not _inside(n, caller) for n in skip_path):
         return None
     branch_parameters = _parameter_count(on_branch, root)
     if branch_parameters == 0:

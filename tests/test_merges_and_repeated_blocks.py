@@ -169,6 +169,15 @@ def test_head_adding_two_classifiers_is_not_a_site_and_swallows_no_backbone_bloc
     assert [s.block_path for s in sites] == ["backbone.0", "backbone.2", "backbone.3"]
 
 
+def test_hrnet_stream_fusions_are_not_sites_and_its_branch_blocks_all_stay():
+    # HRNet's fusion adds a stream that a transition layer of the model made beside the fused module.
+    plan = plan_stochastic_depth(timm.create_model("hrnet_w18_small"), 0.1)
+    fusing_modules = {f"stage{i}.0" for i in (2, 3, 4)}
+    assert not fusing_modules & {s.block_path for s in plan.sites}
+    assert sum(".branches." in s.block_path for s in plan.sites) == 2 * (2 + 3 + 4)
+    assert len(plan.sites) == 23 and plan.left_alone == [""]  # the head's merges in the model's forward
+
+
 # A long skip from an encoder.
 
 
