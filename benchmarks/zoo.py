@@ -146,6 +146,9 @@ KNOWN_CAUSES = {
     "regnet_y_128gf": "not measured in this run: its worker (644 M parameters, about 12 GiB of weight copies) was "
     "stopped when the shared machine ran out of free memory. The previous sweep, on an idle machine, "
     "retrofitted and verified it (27 sites in 27 blocks).",
+    "gemma4_vit_167m": "not measured in this run: the worker was killed (SIGKILL) when the shared machine ran out "
+    "of memory. The previous sweep retrofitted it part by part and verified it (32 sites, placement equal to "
+    "timm's).",
     "vit_h_14": "not measured in this run for the same reason as regnet_y_128gf (632 M parameters); the previous "
     "sweep retrofitted and verified it (64 sites in 32 blocks).",
     "ssd300_vgg16": "VGG-16 has no residual addition and SSD's own forward does not trace (it reads the length "
