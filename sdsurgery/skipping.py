@@ -153,6 +153,7 @@ class SkippableBranch(nn.Module):
         self.mode = mode
         self.layout = layout
         self.generator = generator  # shared by the model's branches: one seed decides every block's draws
+        self.last_keep = True  # batch mode's latest draw, which activation checkpointing's recomputation replays
 
     def forward(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         if not (self.training and stochastic_depth.training):
@@ -173,8 +174,12 @@ class SkippableBranch(nn.Module):
     @torch.compiler.disable(recursive=False)
     def _batch(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         p = stochastic_depth.p
-        # A CPU generator: reading the draw on the host costs no device synchronisation. No draw at rate 0.
-        if p > 0.0 and torch.rand((), generator=self.generator).item() >= 1.0 - p:
+        if p > 0.0 and not _in_backward():
+            # A CPU generator: reading the draw on the host costs no device synchronisation. No draw at rate 0.
+            self.last_keep = torch.rand((), generator=self.generator).item() < 1.0 - p
+        # A forward run inside backward is activation checkpointing recomputing this call: it must make the
+        # decision of the original forward (torch.utils.checkpoint restores the global RNGs, not this one).
+        if p > 0.0 and not self.last_keep:
             return self._dropped(skip, inputs)
         # The scale as a tensor, so that the compiled frame of _add serves every rate (at rate 0, x * 1.0 == x).
         return self._add(skip, self.branch(*inputs), scale=1.0 / (1.0 - stochastic_depth.rate))
@@ -225,6 +230,11 @@ class SkippableBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside the autograd engine's backward (checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def seed_block_drops(model: nn.Module, seed: int) -> int:
