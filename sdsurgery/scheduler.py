@@ -91,6 +91,14 @@ class DropRateScheduler:
         self.rates = self._apply()
         return self.rates
 
+    def set_step(self, step: int) -> list[float]:
+        """Move to ``step`` (a trainer's own count of optimizer steps, when resuming) and set its rates."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be a non-negative int, got {step!r}")
+        self.last_step = step
+        self.rates = self._apply()
+        return self.rates
+
     def state_dict(self) -> dict[str, Any]:
         """The step and the configuration, without the model and without callables."""
         state = {

@@ -136,3 +136,11 @@ def test_stepping_a_compiled_model_does_not_recompile(mode):
     finally:
         torch._dynamo.reset()
     assert scheduler.rates[-1] == pytest.approx(0.5)
+
+
+def test_set_step_jumps_to_the_rates_of_that_step(model):
+    scheduler = DropRateScheduler(model, 0.4, profile="warmup", warmup_steps=4)
+    assert scheduler.set_step(2)[-1] == pytest.approx(0.2)
+    assert scheduler.last_step == 2
+    with pytest.raises(ValueError, match="non-negative int"):
+        scheduler.set_step(-1)
