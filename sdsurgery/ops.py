@@ -113,7 +113,8 @@ class StochasticDepth(nn.Module):
 
     def __init__(self, p: float = 0.0, mode: str = "row", depth: int | None = None) -> None:
         super().__init__()
-        self.rate = torch.tensor(_check_rate(p), dtype=torch.float64)
+        # On the host even under a `with torch.device("meta")` model build: to_empty() does not reach it.
+        self.rate = torch.tensor(_check_rate(p), dtype=torch.float64, device="cpu")
         self.mode = mode
         self.depth = depth
 

@@ -16,7 +16,7 @@ Rates are set in place on the model's :class:`~sdsurgery.StochasticDepth` module
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -24,12 +24,12 @@ from .ops import _check_rate
 from .rates import set_drop_rates
 from .schedules import Schedule
 
-Profile = Union[str, Callable[[int], float]]
+Profile = str | Callable[[int], float]
 """``"constant"``, ``"warmup"``, ``"early"``, ``"late"`` or ``f(step) -> factor`` in ``[0, 1]``."""
 
 PROFILES = ("constant", "warmup", "early", "late")
 
-Steps = Union[int, float]
+Steps = int | float
 """A number of steps (``int``) or a fraction of ``total_steps`` (``float`` in ``(0, 1]``)."""
 
 

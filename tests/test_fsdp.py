@@ -55,7 +55,7 @@ def _train(rank: int, world: int, port: int, out_dir: str) -> None:
                 reference = copy.deepcopy(model)
                 ran = []  # which blocks computed their branch, step by step
                 for i, block in enumerate(model.blocks):
-                    block.fc1.register_forward_hook(lambda *args, i=i: ran.append(i))
+                    block.fc1.register_forward_hook(lambda *args, i=i, ran=ran: ran.append(i))
                 for block in model.blocks:
                     assert isinstance(block, RetrofittedBlock)
                     fully_shard(block)

@@ -81,3 +81,9 @@ def test_rate_is_a_host_tensor_that_setting_p_updates_in_place():
     assert (rate.shape, rate.dtype, rate.item()) == ((), torch.float64, 0.35)
     module.to("meta")
     assert module.rate.device.type == "cpu"  # read without waiting for the device
+
+
+def test_rate_stays_on_the_host_when_the_model_is_built_on_the_meta_device():
+    with torch.device("meta"):
+        module = StochasticDepth(0.2)
+    assert (module.rate.device.type, module.p) == ("cpu", 0.2)

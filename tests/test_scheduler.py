@@ -97,14 +97,14 @@ def test_load_rejects_something_else(model):
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        (dict(profile="cosine"), "unknown profile 'cosine'"),
-        (dict(profile="warmup"), "needs warmup_steps"),
-        (dict(profile="early"), "needs switch_step"),
-        (dict(profile="warmup", warmup_steps=0.5), "pass total_steps"),
-        (dict(profile="warmup", warmup_steps=1.5, total_steps=10), r"in \(0, 1\]"),
-        (dict(profile="late", switch_step=-1), "must not be negative"),
-        (dict(profile="constant", warmup_steps=3), "does not apply to profile 'constant'"),
-        (dict(profile=lambda step: 2.0), r"factor must be in \[0, 1\]"),
+        ({"profile": "cosine"}, "unknown profile 'cosine'"),
+        ({"profile": "warmup"}, "needs warmup_steps"),
+        ({"profile": "early"}, "needs switch_step"),
+        ({"profile": "warmup", "warmup_steps": 0.5}, "pass total_steps"),
+        ({"profile": "warmup", "warmup_steps": 1.5, "total_steps": 10}, r"in \(0, 1\]"),
+        ({"profile": "late", "switch_step": -1}, "must not be negative"),
+        ({"profile": "constant", "warmup_steps": 3}, "does not apply to profile 'constant'"),
+        ({"profile": lambda step: 2.0}, r"factor must be in \[0, 1\]"),
     ],
     ids=["unknown", "warmup-steps", "switch-step", "fraction-total", "fraction-range", "negative", "irrelevant", "callable-range"],
 )

@@ -56,10 +56,10 @@ class StochasticDepthCallback(pl.Callback):
         self.p_max = p_max
         self.schedule = schedule
         self.apply_kwargs = apply_kwargs
-        self.scheduler_kwargs = dict(
-            profile=profile, schedule=schedule, total_steps=total_steps, warmup_steps=warmup_steps,
-            switch_step=switch_step,
-        )
+        self.scheduler_kwargs = {
+            "profile": profile, "schedule": schedule, "total_steps": total_steps, "warmup_steps": warmup_steps,
+            "switch_step": switch_step,
+        }
         self.scheduler: DropRateScheduler | None = None
         self._retrofitted: pl.LightningModule | None = None
         self._restored_state: dict[str, Any] | None = None
