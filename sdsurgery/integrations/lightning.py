@@ -37,8 +37,8 @@ class StochasticDepthCallback(pl.Callback):
     ``include``, ``exclude``...; ``example_inputs`` defaults to the module's ``example_input_array``), so
     parameters and ``state_dict()`` keys stay. A :class:`~sdsurgery.DropRateScheduler` (``profile``,
     ``warmup_steps``, ``switch_step``; ``total_steps`` defaults to the trainer's estimated stepping batches),
-    built when training starts, follows ``trainer.global_step``: it moves after each optimizer step, so gradient accumulation counts
-    optimizer steps. Its state is saved in the trainer's checkpoints and restored on resume (rates exactly
+    built when training starts, follows ``trainer.global_step``: it moves after each optimizer step, so
+    gradient accumulation counts optimizer steps. Its state is saved in the trainer's checkpoints and restored on resume (rates exactly
     those of the checkpoint's step). ``scheduler`` is the scheduler once training starts.
     """
 
