@@ -149,8 +149,9 @@ def plot(runs: dict[str, dict[str, list[float]]], path: Path) -> None:
         accuracy_axes.plot(epochs, [100 * a for a in history["test_accuracy"]], label=label)
     loss_axes.set(xlabel="epoch", ylabel="train loss", yscale="log", title="Train loss")
     accuracy_axes.set(xlabel="epoch", ylabel="test accuracy (%)", title="Test accuracy (360 digits)")
-    accuracy_axes.set_ylim(90, 100)
+    accuracy_axes.set_ylim(top=100)
     for axes in (loss_axes, accuracy_axes):
+        axes.xaxis.get_major_locator().set_params(integer=True)
         axes.grid(alpha=0.3)
         axes.legend()
     figure.suptitle("TinyResNet on scikit-learn digits, with and without stochastic depth (sdsurgery)")
