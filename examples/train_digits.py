@@ -6,7 +6,7 @@ retrofitted by sdsurgery (``p_max`` with the seed's linear rule) and its rates f
 ``DropRateScheduler``. Each epoch prints to a progress bar; the end writes a PNG of the train loss and the
 test accuracy per epoch for both runs and prints a summary table.
 
-Run (about a minute on two CPU cores)::
+Run (a few minutes on two idle CPU cores; each run's time is printed at the end)::
 
     pip install -e ".[examples]"
     python examples/train_digits.py            # writes docs/train_digits.png
@@ -57,7 +57,7 @@ class BasicBlock(nn.Module):
 
 class TinyResNet(nn.Module):
     """The seed's TinyResNet: a stem and three stages of two blocks (``width``, 2x, 4x channels; the seed
-    uses ``width=32`` on 3-channel images, this example 16 on 1-channel digits to run in about a minute)."""
+    uses ``width=32`` on 3-channel images, this example 16 on 1-channel 8x8 digits, to keep the run short)."""
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
