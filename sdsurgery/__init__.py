@@ -11,6 +11,7 @@ from .ops import StochasticDepth, stochastic_depth
 from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
 from .rates import set_drop_rates, strip_stochastic_depth
 from .rewrite import RetrofittedBlock
+from .scheduler import DropRateScheduler
 from .schedules import drop_rates, linear_rates
 from .skipping import SkippableBranch, seed_block_drops
 from .surgery import apply_stochastic_depth
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "DropRateScheduler",
     "ModelSpecError",
     "NoResidualSitesError",
     "ResidualSite",

@@ -5,6 +5,9 @@ branch is kept with probability ``q = 1 - p`` and scaled by ``1 / q``; in eval m
 is the identity. Random numbers are drawn exactly like timm's ``drop_path`` and the seed notebook (one
 ``bernoulli_(q)`` on a tensor of the mask's shape per call), so a retrofitted model reproduces a native
 training run under the same ``torch.manual_seed``.
+
+Under ``torch.compile`` the module reads its rate from a tensor instead of a Python float, so that new rates
+reach the compiled graph without recompiling it (see :class:`StochasticDepth`).
 """
 
 from __future__ import annotations
@@ -48,8 +51,47 @@ def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: str = "row
         mask = torch.zeros((batch,) + (1,) * (x.ndim - 1), dtype=x.dtype, device=x.device)
         mask[torch.randperm(batch, device=x.device)[:kept]] = batch / kept
         return x * mask
-    shape = (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
-    mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(q)
+    mask = torch.empty(_mask_shape(x, mode), dtype=x.dtype, device=x.device).bernoulli_(q)
+    return x * mask / q
+
+
+def _mask_shape(x: torch.Tensor, mode: str) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
+
+
+@torch.library.custom_op("sdsurgery::subset_rows", mutates_args=())
+def subset_rows(rate: torch.Tensor, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows subset mode keeps for drop rate ``rate`` (a 0-dim CPU tensor) in a batch of ``batch``.
+
+    Returns ``(rows, scale)``: ``k = max(1, round(batch * (1 - rate)))`` distinct row indices drawn with
+    ``torch.randperm(batch, device=device)`` (on the device: nothing waits for it) and ``batch / k`` as a
+    0-dim float64 CPU tensor. A custom op, so that ``torch.compile`` sees ``k`` as a size it does not know
+    (an unbacked symbol) rather than a constant: new rates do not recompile, and the graph stays whole.
+    """
+    kept = max(1, round(batch * (1.0 - rate.item())))
+    rows = torch.randperm(batch, device=device)[:kept]
+    return rows, torch.tensor(batch / kept, dtype=torch.float64)
+
+
+@subset_rows.register_fake
+def _subset_rows_fake(rate: torch.Tensor, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    kept = torch.library.get_ctx().new_dynamic_size(min=1, max=batch)
+    return torch.empty(kept, dtype=torch.long, device=device), torch.empty((), dtype=torch.float64)
+
+
+def _compiled_stochastic_depth(x: torch.Tensor, rate: torch.Tensor, mode: str) -> torch.Tensor:
+    """Training-mode stochastic depth with the rate as a tensor: what a compiled graph runs.
+
+    Same distribution as :func:`stochastic_depth`, without Python control flow on the rate (``p == 0``
+    keeps every row through the same ops), so one graph serves every rate. Compiled code draws its own
+    random numbers anyway (inductor's generator), so these need not be timm's.
+    """
+    if mode == "subset":
+        rows, scale = subset_rows(rate, x.shape[0], x.device)
+        mask = x.new_zeros((x.shape[0],) + (1,) * (x.ndim - 1)).index_fill(0, rows, 1.0)
+        return x * mask * scale
+    q = 1.0 - rate
+    mask = (torch.rand(_mask_shape(x, mode), device=x.device) < q).to(x.dtype)
     return x * mask / q
 
 
@@ -57,23 +99,32 @@ class StochasticDepth(nn.Module):
     """Stochastic depth on a residual branch: ``StochasticDepth(p)(F(x))`` before ``x + ...``.
 
     ``p`` (also readable and settable as timm's ``drop_prob``) is the drop rate in ``[0, 1)``; ``mode`` is
-    ``"row"`` (per sample) or ``"batch"`` (one draw per batch). ``depth`` is the index by depth of the
-    residual block it serves, when the surgery pass placed it. The module holds no parameters or buffers.
+    ``"row"`` (per sample), ``"batch"`` (one draw per batch) or ``"subset"``. ``depth`` is the index by depth
+    of the residual block it serves, when the surgery pass placed it. The module holds no parameters or
+    buffers: ``state_dict()`` is empty.
+
+    The rate lives in ``rate``, a 0-dim float64 tensor on the CPU that setting ``p`` updates in place. Eager
+    code reads it as a float (the draws are timm's); a ``torch.compile``d graph reads the tensor, so it
+    sees every new rate without recompiling. It is a plain attribute, not a buffer: ``.to(device)`` leaves
+    it on the host (reading it never waits for the device) and ``state_dict()`` keys stay the original's.
     """
+
+    rate: torch.Tensor
 
     def __init__(self, p: float = 0.0, mode: str = "row", depth: int | None = None) -> None:
         super().__init__()
-        self.p = p
+        # On the host even under a `with torch.device("meta")` model build: to_empty() does not reach it.
+        self.rate = torch.tensor(_check_rate(p), dtype=torch.float64, device="cpu")
         self.mode = mode
         self.depth = depth
 
     @property
     def p(self) -> float:
-        return self._p
+        return self.rate.item()
 
     @p.setter
     def p(self, value: float) -> None:
-        self._p = _check_rate(value)
+        self.rate.fill_(_check_rate(value))
 
     @property
     def mode(self) -> str:
@@ -87,11 +138,15 @@ class StochasticDepth(nn.Module):
     drop_prob = p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return stochastic_depth(x, self._p, self.training, self._mode)
+        if not self.training:
+            return x
+        if torch.compiler.is_compiling():
+            return _compiled_stochastic_depth(x, self.rate, self._mode)
+        return stochastic_depth(x, self.p, True, self._mode)
 
     def extra_repr(self) -> str:
         depth = "" if self.depth is None else f", depth={self.depth}"
-        return f"p={self._p:.6g}, mode={self._mode!r}{depth}"
+        return f"p={self.p:.6g}, mode={self._mode!r}{depth}"
 
 
 def _existing_module_types() -> tuple[type[nn.Module], ...]:

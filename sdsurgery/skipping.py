@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .ops import StochasticDepth
+from .ops import StochasticDepth, subset_rows
 from .residuals import _is_shape_only, add_operands, input_dependent_nodes
 
 SKIPPING_MODES = ("batch", "subset")
@@ -138,9 +138,10 @@ class SkippableBranch(nn.Module):
 
     Called (through :func:`skippable_residual`) by a retrofitted block's train graph as
     ``(stochastic_depth, skip, *inputs)``: the site's :class:`StochasticDepth` module supplies the rate ``p``
-    (so re-rating it re-rates this), ``branch`` is the extracted branch graph. In eval mode, at ``p == 0``
-    or when the stochastic-depth module is in eval mode, the branch is computed and added like the original
-    (bit-identical). Inputs and the skip carry the batch on dim 0, as row mode assumes. The module holds no
+    (its ``rate`` tensor under ``torch.compile``, so re-rating it re-rates this without recompiling),
+    ``branch`` is the extracted branch graph. In eval mode, at ``p == 0`` or when the stochastic-depth module
+    is in eval mode, the branch is computed and added like the original (bit-identical; compiled subset code
+    adds every row through the row path instead). Inputs and the skip carry the batch on dim 0, as row mode assumes. The module holds no
     parameters or buffers.
     """
 
@@ -152,32 +153,36 @@ class SkippableBranch(nn.Module):
         self.mode = mode
         self.layout = layout
         self.generator = generator  # shared by the model's branches: one seed decides every block's draws
+        self.last_keep = True  # batch mode's latest draw, which activation checkpointing's recomputation replays
 
     def forward(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
-        p = stochastic_depth.p
-        if not (self.training and stochastic_depth.training) or p == 0.0:
-            return self._add(skip, self.branch(*inputs), None, 1.0)
+        if not (self.training and stochastic_depth.training):
+            return self._add(skip, self.branch(*inputs))
         if self.mode == "batch":
             return self._batch(stochastic_depth, skip, *inputs)
-        q = 1.0 - p
         batch = skip.shape[0]
-        kept = max(1, round(batch * q))
-        if kept == batch:
-            return self._add(skip, self.branch(*inputs), None, 1.0)
-        # randperm on the device: the rows are chosen without the host waiting for anything.
-        rows = torch.randperm(batch, device=skip.device)[:kept]
+        # Eager code computes the original addition when every row is kept (rate 0, small batches); compiled
+        # code has no branch on the rate, so that one graph serves every rate.
+        if not torch.compiler.is_compiling() and max(1, round(batch * (1.0 - stochastic_depth.p))) == batch:
+            return self._add(skip, self.branch(*inputs))
+        rows, scale = subset_rows(stochastic_depth.rate, batch, skip.device)
         sliced = [self._rows(x, rows, batch) if kind == ROWS else x for x, kind in zip(inputs, self.layout.inputs)]
-        return self._add(skip, self.branch(*sliced), rows, batch / kept)
+        return self._add(skip, self.branch(*sliced), rows, scale)
 
     # The keep/drop decision is host control flow: torch.compile runs this frame eagerly (one graph break per
     # block) but still compiles the branch graph it calls, once, without recompiling from step to step.
     @torch.compiler.disable(recursive=False)
     def _batch(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
-        q = 1.0 - stochastic_depth.p
-        # A CPU generator: reading the draw on the host costs no device synchronisation.
-        if torch.rand((), generator=self.generator).item() >= q:
+        p = stochastic_depth.p
+        if p > 0.0 and not _in_backward():
+            # A CPU generator: reading the draw on the host costs no device synchronisation. No draw at rate 0.
+            self.last_keep = torch.rand((), generator=self.generator).item() < 1.0 - p
+        # A forward run inside backward is activation checkpointing recomputing this call: it must make the
+        # decision of the original forward (torch.utils.checkpoint restores the global RNGs, not this one).
+        if p > 0.0 and not self.last_keep:
             return self._dropped(skip, inputs)
-        return self._add(skip, self.branch(*inputs), None, 1.0 / q)
+        # The scale as a tensor, so that the compiled frame of _add serves every rate (at rate 0, x * 1.0 == x).
+        return self._add(skip, self.branch(*inputs), scale=1.0 / (1.0 - stochastic_depth.rate))
 
     def _rows(self, x: Any, rows: torch.Tensor, batch: int) -> Any:
         if not isinstance(x, torch.Tensor):  # an optional input left at None, a flag: nothing to slice
@@ -189,21 +194,24 @@ class SkippableBranch(nn.Module):
             )
         return x.index_select(0, rows)
 
-    def _add(self, skip: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None, scale: float) -> torch.Tensor:
+    def _add(
+        self, skip: torch.Tensor, out: torch.Tensor, rows: torch.Tensor | None = None, scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``skip + scale * out`` (on ``rows`` of the skip, when given); without ``scale``, the original addition."""
         inplace = self.layout.adds_into_skip
+        if scale is None:  # exactly the original addition (IEEE addition commutes bit for bit)
+            return skip.add_(out) if inplace else skip + out
         if rows is None:
-            if scale == 1.0:  # exactly the original addition (IEEE addition commutes bit for bit)
-                return skip.add_(out) if inplace else skip + out
-            return skip.add_(out, alpha=scale) if inplace else torch.add(skip, out, alpha=scale)
+            return skip.add_(out * scale) if inplace else skip + out * scale
         if out.shape[0] != rows.shape[0] or out.shape[1:] != skip.shape[1:]:
             raise RuntimeError(
                 f"subset stochastic depth: the branch returned shape {tuple(out.shape)} for {rows.shape[0]} "
                 f"rows of a skip of shape {tuple(skip.shape)}; retrofit this block with mode='row'"
             )
-        out = out.to(skip.dtype)  # index_add needs one dtype (autocast may run the branch in lower precision)
+        out = out.to(skip.dtype) * scale  # index_add needs one dtype (autocast may run the branch lower)
         if inplace:
-            return skip.index_add_(0, rows, out, alpha=scale)
-        return skip.index_add(0, rows, out, alpha=scale)
+            return skip.index_add_(0, rows, out)
+        return skip.index_add(0, rows, out)
 
     def _dropped(self, skip: torch.Tensor, inputs: Sequence[Any]) -> torch.Tensor:
         how = "inplace" if self.layout.adds_into_skip else "clone" if self.layout.clone_on_drop else "alias"
@@ -222,6 +230,11 @@ class SkippableBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}"
+
+
+def _in_backward() -> bool:
+    """Whether this runs inside the autograd engine's backward (checkpointing recomputes forwards there)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 def seed_block_drops(model: nn.Module, seed: int) -> int:

@@ -71,3 +71,19 @@ def test_module_exposes_p_mode_and_timm_drop_prob():
 
 def test_module_has_no_state():
     assert StochasticDepth(0.3).state_dict() == {}
+
+
+def test_rate_is_a_host_tensor_that_setting_p_updates_in_place():
+    module = StochasticDepth(0.2)
+    rate = module.rate
+    module.p = 0.35
+    assert module.rate is rate  # compiled graphs hold this tensor: new rates reach them without recompiling
+    assert (rate.shape, rate.dtype, rate.item()) == ((), torch.float64, 0.35)
+    module.to("meta")
+    assert module.rate.device.type == "cpu"  # read without waiting for the device
+
+
+def test_rate_stays_on_the_host_when_the_model_is_built_on_the_meta_device():
+    with torch.device("meta"):
+        module = StochasticDepth(0.2)
+    assert (module.rate.device.type, module.p) == ("cpu", 0.2)
