@@ -107,7 +107,9 @@ class RetrofittedBlock(fx.GraphModule):
         def forward(self: RetrofittedBlock, *args: Any, **kwargs: Any) -> Any:
             return self._route(graph_forward, args, kwargs)
 
-        forward.__signature__ = inspect.signature(graph_forward)  # type: ignore[attr-defined]
+        # Tools that read the forward's parameters (inspect.signature, and fx when it traces this block again as
+        # a root) see the graph's own.
+        forward.__wrapped__ = graph_forward  # type: ignore[attr-defined]
         cls.forward = forward
         return code
 
