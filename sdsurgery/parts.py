@@ -143,9 +143,12 @@ def trace_model(model: nn.Module, options: TraceOptions, example_inputs: Example
     """Trace ``model`` in steps 1-4 of the module docstring; never raises for code that does not trace."""
     if example_inputs is not None:
         fake_mode = new_fake_mode()
-        root_values = to_fake(fake_mode, example_inputs.bind(model))
+        arguments = example_inputs.bind(model)
+        root_values = to_fake(fake_mode, arguments)
         options = replace(options, examples=ShapeExamples(fake_mode, {"": root_values}))
     traced = TracedModel(model, options, example_inputs)
+    if example_inputs is not None:  # the model is traced, and retrofitted, for the form of the example call
+        traced.calls[""] = ModuleCall(arguments, root_values)
     traced.root = _trace_part(traced, "")
     return traced
 
@@ -195,11 +198,13 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     forward does not trace."""
     module = traced.model.get_submodule(path)
     options = traced.options.relative_to(path)
+    call = traced.calls.get(path)  # None and plain-value arguments are specialised on (see .callforms)
+    concrete_args = call.concrete_args() if call is not None else None
     untraced: dict[str, str] = {}
     timm_leaves: dict[type[nn.Module], str] = {}
     while True:
         try:
-            result = trace(module, options, path=path)
+            result = trace(module, options, path=path, concrete_args=concrete_args)
             break
         except TraceError as error:
             if not options.concrete_shapes and options.examples is not None and options.examples.at("") is not None:

@@ -30,7 +30,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .inputs import bind_arguments
-from .ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
+from .ops import STOCHASTIC_DEPTH_FUNCTIONS, is_stochastic_depth_op, stochastic_depth_functions_in
 
 
 def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
@@ -41,6 +41,24 @@ def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
     except ImportError:
         return ()
     return tuple(fn for fn in get_notrace_functions() if callable(fn))
+
+
+def torch_autowrap_functions() -> tuple[Callable[..., Any], ...]:
+    """torch.nn's mask helpers, recorded as single calls: they check their arguments' types and values in
+    Python (``_none_or_dtype`` raises on anything but a tensor, ``_detect_is_causal_mask`` compares a mask's
+    values), and they take masks, not modules, so no residual branch can hide in them."""
+    from torch.nn import functional
+    from torch.nn.modules import transformer
+
+    names = ((functional, "_canonical_mask"), (functional, "_none_or_dtype"), (transformer, "_detect_is_causal_mask"))
+    return tuple(getattr(module, name) for module, name in names if callable(getattr(module, name, None)))
+
+
+COMPOSITE_TORCH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+)
+"""torch.nn modules that fx keeps whole (as it keeps every torch.nn module) although their forward calls other
+modules and holds residual additions: they are traced into."""
 
 
 def timm_leaf_modules() -> tuple[type[nn.Module], ...]:
@@ -174,9 +192,11 @@ class SurgeryTracer(fx.Tracer):
         options: TraceOptions = TraceOptions(),
         extra_leaves: Iterable[nn.Module] = (),
         example_values: Mapping[str, Any] | None = None,
+        stochastic_depth_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
         autowrap = tuple(dict.fromkeys(
-            (*STOCHASTIC_DEPTH_FUNCTIONS, *timm_autowrap_functions(), *options.autowrap_functions)
+            (*STOCHASTIC_DEPTH_FUNCTIONS, *stochastic_depth_functions, *torch_autowrap_functions(),
+             *timm_autowrap_functions(), *options.autowrap_functions)
         ))
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=True)
         self.options = options
@@ -191,8 +211,10 @@ class SurgeryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.extra_leaves or module_qualified_name in self.options.leaf_paths:
             return True
-        if isinstance(m, STOCHASTIC_DEPTH_MODULES) or isinstance(m, self.options.leaf_modules):
+        if is_stochastic_depth_op(m) or isinstance(m, self.options.leaf_modules):
             return True
+        if isinstance(m, COMPOSITE_TORCH_MODULES):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
@@ -379,7 +401,9 @@ def trace(
     descendants are left exactly as they were (attributes, buffers), whatever the traced code wrote.
     """
     examples = options.examples.at("") if options.examples is not None else None
-    tracer = SurgeryTracer(options, extra_leaves, examples)
+    # Stochastic-depth functions the module's code calls (a third-party drop_connect) stay single calls, so
+    # the pass sees them on the branch and re-rates them instead of tracing their random ops.
+    tracer = SurgeryTracer(options, extra_leaves, examples, stochastic_depth_functions_in(module))
     attributes_before = set(vars(module))
     try:
         with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):
