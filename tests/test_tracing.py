@@ -180,10 +180,18 @@ def test_specialised_block_is_exact_on_its_shapes():
         assert torch.equal(retrofitted.eval()(TOKENS[:1]), original.eval()(TOKENS[:1]))
 
 
-def test_specialised_block_refuses_an_input_that_would_take_another_branch():
+def test_specialised_block_refuses_to_train_on_an_input_that_would_take_another_branch():
     retrofitted = apply_stochastic_depth(Windowed(), 0.1, example_inputs=TOKENS)
     with pytest.raises(AssertionError, match="sdsurgery specialised this block on its example input's shapes"):
-        retrofitted.eval()(torch.randn(2, 9, 8))
+        retrofitted.train()(torch.randn(2, 9, 8))
+
+
+def test_specialised_block_in_eval_runs_its_own_code_on_another_shape():
+    original = Windowed()
+    retrofitted = apply_stochastic_depth(original, 0.1, example_inputs=TOKENS)
+    other = torch.randn(2, 9, 8)
+    with torch.no_grad():
+        assert torch.equal(retrofitted.eval()(other), original.eval()(other))
 
 
 class LenBlock(nn.Module):
