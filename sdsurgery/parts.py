@@ -25,6 +25,7 @@ from torch import fx, nn
 
 from .errors import TraceError
 from .ops import STOCHASTIC_DEPTH_MODULES
+from .residuals import find_residual_adds
 from .tracing import (
     ModuleCall,
     ShapeExamples,
@@ -74,6 +75,8 @@ class TracedModel:
     order: dict[str, int] | None = None
     """When each module is first called, from one run of the model (``None`` until a part needs it)."""
     root_error: TraceError | None = None
+    root_call: ModuleCall | None = None
+    """The model's own call: the example inputs bound to its forward's parameters."""
 
     def parts(self) -> list[Part]:
         """The traced parts, in execution order."""
@@ -147,6 +150,8 @@ def trace_model(model: nn.Module, options: TraceOptions, example_inputs: tuple |
         root_values = to_fake(fake_mode, bind_example_inputs(model, example_inputs))
         options = replace(options, examples=ShapeExamples(fake_mode, {"": root_values}))
     traced = TracedModel(model, options, example_inputs)
+    if example_inputs is not None:
+        traced.root_call = ModuleCall(bind_example_inputs(model, example_inputs))
     traced.root = _trace_part(traced, "")
     return traced
 
@@ -198,9 +203,13 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     options = traced.options.relative_to(path)
     untraced: dict[str, str] = {}
     timm_leaves: dict[type[nn.Module], str] = {}
+    call = traced.calls.get(path) if path else traced.root_call
+    # Plain arguments of the call (``mask=None``, ``use_cache=True``) are specialised on, with fx's guards,
+    # as the block will be when it is rewritten: code such as ``if mask is not None`` takes the call's path.
+    concrete_args = call.concrete_args() if call is not None else None
     while True:
         try:
-            result = trace(module, options, path=path)
+            result = trace(module, options, path=path, concrete_args=concrete_args)
             break
         except TraceError as error:
             if not options.concrete_shapes and options.examples is not None and options.examples.at("") is not None:
@@ -216,6 +225,7 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
             else:
                 untraced[error.module_path] = error.reason
                 options = options.with_leaf_paths([inner])
+    result, options = _unspecialise(module, result, options, path, concrete_args)
     for node in result.graph.find_nodes(op="call_module"):
         cls = type(module.get_submodule(node.target))
         if cls in timm_leaves:
@@ -223,6 +233,27 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     traced.untraced.update(untraced)
     traced.specialised.update({_join(path, p): where for p, where in result.specialised.items()})
     return Part(path, result, options)
+
+
+def _unspecialise(
+    module: nn.Module, result: Trace, options: TraceOptions, path: str, concrete_args: dict[str, Any] | None
+) -> tuple[Trace, TraceOptions]:
+    """Keep whole the modules inside ``module`` whose code was specialised on example shapes but that own
+    no residual addition (attention code choosing a kernel by sequence length): run as they are, they work
+    for every shape, and only the blocks that own residuals depend on the example. Returns the trace and
+    options unchanged when there are none, or when the trace without them loses a residual."""
+    owners = {a.block_path for a in find_residual_adds(result.graph, module)}
+    inner = [p for p in result.specialised if p and not any(o == p or o.startswith(p + ".") for o in owners)]
+    if not inner:
+        return result, options
+    leafed = options.with_leaf_paths(inner)
+    try:
+        retraced = trace(module, leafed, path=path, concrete_args=concrete_args)
+    except TraceError:
+        return result, options
+    if {a.block_path for a in find_residual_adds(retraced.graph, module)} != owners:
+        return result, options
+    return retraced, leafed
 
 
 def _capture_calls(traced: TracedModel) -> None:

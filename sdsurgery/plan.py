@@ -138,13 +138,13 @@ def plan_stochastic_depth(
             call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
     if not adds and traced.root_error is not None:
         raise traced.root_error
-    block_keys = list(dict.fromkeys(_block_key(path, a) for path, a, _ in adds))
+    block_keys = list(dict.fromkeys(_block_key(model, path, a) for path, a, _ in adds))
     rates = drop_rates(schedule, p_max, len(block_keys))
     depth_of = {key: index for index, key in enumerate(block_keys)}
 
     sites = []
     for path, a, ordinal in adds:
-        depth = depth_of[_block_key(path, a)]
+        depth = depth_of[_block_key(model, path, a)]
         sites.append(
             ResidualSite(
                 block_path=path,
@@ -165,9 +165,26 @@ def plan_stochastic_depth(
     )
 
 
-def _block_key(path: str, a: ResidualAdd) -> str:
+def _block_key(model: nn.Module, path: str, a: ResidualAdd) -> str:
     # Additions in the model's own forward each count as a block of their own.
-    return path if path else f"::{a.add.name}"
+    return repeated_layer(model, path) if path else f"::{a.add.name}"
+
+
+_CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
+
+
+def repeated_layer(model: nn.Module, path: str) -> str:
+    """The block that the module at ``path`` belongs to for drop rates: the nearest module at or above it
+    that is an element of a container (``encoder.layer[i]``, ``model.layers[i]``, ``h[i]``, ``blocks[i]``),
+    or ``path`` itself when it is in none. BERT's residuals are owned by ``layer[i].attention.output`` and
+    ``layer[i].output``; like the two residuals of a block that owns both, they share one depth and rate."""
+    prefix = path
+    while prefix:
+        parent, _, _ = prefix.rpartition(".")
+        if isinstance(model.get_submodule(parent), _CONTAINERS):
+            return prefix
+        prefix = parent
+    return path
 
 
 def _describe(node) -> str | None:

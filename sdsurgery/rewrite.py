@@ -8,6 +8,7 @@ block is traced in train and in eval mode; when the two graphs differ the block 
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +18,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .decorators import decorated_forward, rewrap
 from .errors import SurgeryError
 from .ops import StochasticDepth
 from .residuals import add_operands, existing_stochastic_depth, is_stochastic_depth
@@ -48,7 +50,10 @@ class RetrofittedBlock(fx.GraphModule):
         eval_graph: fx.Graph | None = None,
         class_name: str | None = None,
         constants: dict[str, torch.Tensor] | None = None,
+        block_class: type[nn.Module] | None = None,
     ) -> None:
+        if block_class is None:
+            block_class = block.block_class if isinstance(block, RetrofittedBlock) else type(block)
         class_name = class_name or type(block).__name__
         constants = dict(constants or {})
         with _attributes(block, constants):
@@ -69,8 +74,33 @@ class RetrofittedBlock(fx.GraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self.training = block.training
+        self.block_class = block_class
         if eval_graph is not None and not self.training:
             self.graph = eval_graph
+        elif decorated_forward(block_class) is not None:
+            self.recompile()
+
+    def recompile(self) -> Any:
+        code = super().recompile()
+        decorated = decorated_forward(self.__dict__.get("block_class"))
+        if decorated is not None:
+            cls = type(self)
+            try:
+                cls.forward = rewrap(decorated, cls.forward)
+            except ValueError as error:
+                warnings.warn(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2)
+        return code
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Plain class-level settings of the original class (``gradient_checkpointing = False``) are read by
+            # its decorators and by libraries configuring the model; they read the same here.
+            value = _class_setting(self.__dict__.get("block_class"), name)
+            if value is _MISSING:
+                raise
+            return value
 
     @property
     def mode_graphs(self) -> tuple[fx.Graph, fx.Graph]:
@@ -94,7 +124,9 @@ class RetrofittedBlock(fx.GraphModule):
         def init(copy: RetrofittedBlock, root: Any, graph: fx.Graph) -> None:
             state = root.__dict__
             graphs = (state["train_graph"], state["eval_graph"])
-            RetrofittedBlock.__init__(copy, root, *graphs, state["block_class_name"], state["constants"])
+            RetrofittedBlock.__init__(
+                copy, root, *graphs, state["block_class_name"], state["constants"], state["block_class"]
+            )
 
         return init
 
@@ -106,7 +138,7 @@ class RetrofittedBlock(fx.GraphModule):
         with _attributes(shell, self.constants):
             train = fx.GraphModule(shell, self.train_graph)
             evaluate = fx.GraphModule(shell, self.eval_graph) if self.eval_graph is not None else None
-        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training)
+        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, self.block_class)
         return (_restore_block, state)
 
 
@@ -117,9 +149,28 @@ def _restore_block(
     class_name: str,
     constants: dict[str, torch.Tensor],
     training: bool,
+    block_class: type[nn.Module] | None = None,
 ) -> RetrofittedBlock:
     graphs = (train.graph, evaluate.graph if evaluate is not None else None)
-    return RetrofittedBlock(shell, *graphs, class_name, constants).train(training)
+    return RetrofittedBlock(shell, *graphs, class_name, constants, block_class).train(training)
+
+
+_MISSING = object()
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _class_setting(cls: type | None, name: str) -> Any:
+    """The value of a plain class attribute (bool, number, string, None) that ``cls`` defines below
+    ``nn.Module``, or ``_MISSING``."""
+    if cls is None or name.startswith("__"):
+        return _MISSING
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            break
+        value = base.__dict__.get(name, _MISSING)
+        if value is not _MISSING:
+            return value if isinstance(value, _SETTING_TYPES) else _MISSING
+    return _MISSING
 
 
 @contextmanager
