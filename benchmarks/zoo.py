@@ -108,6 +108,10 @@ KNOWN_CAUSES = {
 }
 
 
+# Why a Hugging Face model type misses the target, found by reading its code (filled from the sweep).
+HF_KNOWN_CAUSES: dict[str, str] = {}
+
+
 @dataclass
 class Row:
     """One model's result; every field is a CSV column."""
@@ -152,6 +156,62 @@ def all_jobs() -> list[tuple[str, str, str]]:
     return [("torchvision", "torchvision", n) for n in torchvision_models()] + [
         ("timm", family, n) for family, n in timm_models()
     ]
+
+
+# Hugging Face: every model type with a base model class, from its default config shrunk to a tiny size.
+HF_TINY = {
+    # widths: small, and divisible by the head counts below
+    "hidden_size": 32, "d_model": 32, "n_embd": 32, "word_embed_proj_dim": 32,
+    "intermediate_size": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "d_ff": 64,
+    "n_inner": 64, "mlp_dim": 64,
+    # depths
+    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2, "num_encoder_layers": 2,
+    # heads
+    "num_attention_heads": 2, "n_head": 2, "n_heads": 2, "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2, "num_key_value_heads": 2, "num_heads": 2, "head_dim": 16, "d_kv": 16,
+}
+HF_MAX_VOCAB = 1000
+HF_CHUNK = 25  # model types per worker process (one import of transformers for many small models)
+HF_MAX_IMAGE = 64
+
+
+def hf_model_types() -> list[str]:
+    """Every transformers model type with a base model class (``AutoModel``), sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return sorted(MODEL_MAPPING_NAMES)
+
+
+def tiny_config(config):
+    """``config`` (and its sub-configs) shrunk: 2 layers, width 32, 2 heads, at most 1000 tokens in the
+    vocabulary, images at most 64 px, one block per stage where depths are a list. Returns ``config``."""
+    for key, value in list(vars(config).items()):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
+            tiny_config(value)
+        elif key in HF_TINY and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, min(value, HF_TINY[key]))
+        elif key == "vocab_size" and isinstance(value, int) and value > HF_MAX_VOCAB:
+            config.vocab_size = HF_MAX_VOCAB
+            for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                          "decoder_start_token_id", "unk_token_id", "mask_token_id"):
+                if isinstance(getattr(config, token, None), int) and getattr(config, token) >= HF_MAX_VOCAB:
+                    setattr(config, token, 1)
+        elif key == "image_size" and isinstance(value, int) and value > HF_MAX_IMAGE and not hasattr(config, "window_size"):
+            patch = getattr(config, "patch_size", 1)
+            if isinstance(patch, int) and HF_MAX_IMAGE % patch == 0:
+                config.image_size = HF_MAX_IMAGE
+        elif key in ("depths", "num_layers_per_stage", "layers_per_stage") and isinstance(value, list):
+            setattr(config, key, [1] * len(value))
+        elif key == "hidden_sizes" and isinstance(value, list):
+            config.hidden_sizes = [min(v, 16 * 2**i) for i, v in enumerate(value)]
+    heads = getattr(config, "num_heads", None)
+    if isinstance(heads, list) and isinstance(getattr(config, "embed_dim", None), int):  # Swin-style stages
+        config.num_heads = [2**i for i in range(len(heads))]
+        config.embed_dim = min(config.embed_dim, 16)
+    if getattr(config, "num_key_value_heads", None) and getattr(config, "num_attention_heads", None):
+        config.num_key_value_heads = min(config.num_key_value_heads, config.num_attention_heads)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -372,6 +432,114 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
     return row
 
 
+def run_hf(model_type: str) -> Row:
+    """Build the base model of ``model_type`` from its tiny default config, plan, retrofit and verify it on
+    example inputs made from the config (:func:`sdsurgery.hf.example_inputs`)."""
+    import warnings
+
+    import torch
+    import transformers
+
+    import sdsurgery
+    from sdsurgery import NoResidualSitesError, plan_stochastic_depth, verify
+    from sdsurgery.hf import example_inputs
+
+    started = time.perf_counter()
+    row = Row("hf", model_type, model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        try:
+            torch.manual_seed(0)
+            config = tiny_config(transformers.AutoConfig.for_model(model_type))
+            plain = transformers.AutoModel.from_config(config).eval()
+            row.model = type(plain).__name__
+            row.params_m = round(sum(p.numel() for p in plain.parameters()) / 1e6, 3)
+            inputs = example_inputs(plain, batch_size=BATCH)
+            with torch.no_grad():
+                plain(**inputs)
+        except Exception as error:
+            row.status, row.reason = "build-failed", f"{type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        try:
+            plan = plan_stochastic_depth(plain, P_MAX, example_inputs=inputs)
+        except Exception as error:
+            row.status, row.reason = "failed", f"{type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        row.sites, row.blocks, row.untraced = len(plan.sites), plan.num_blocks, len(plan.untraced)
+        row.specialised = len(plan.specialised)
+        row.status = "partial" if plan.untraced else "whole"
+        row.reason = "; ".join(f"{p or '<root>'}: {why}" for p, why in list(plan.untraced.items())[:3])
+        if len(plan.untraced) > 3:
+            row.reason += f"; and {len(plan.untraced) - 3} more"
+        t0 = time.perf_counter()
+        try:
+            result = sdsurgery.apply_stochastic_depth(plain, P_MAX, example_inputs=inputs, verify=False)
+        except NoResidualSitesError as error:
+            row.status, row.reason = "no-residual", _first_line(error)
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        except Exception as error:
+            row.status, row.reason = "failed", f"surgery: {type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        row.surgery_s = round(time.perf_counter() - t0, 2)
+        try:
+            report = verify(plain, result, inputs)
+            row.verified = "ok" if report.ok else report.summary()
+            row.eval_max_abs_diff = report.eval_max_abs_diff
+        except Exception as error:
+            row.verified = f"FAILED: {type(error).__name__}: {_first_line(error)}"
+    row.total_s = round(time.perf_counter() - started, 2)
+    return row
+
+
+def _hf_worker(model_types: list[str], limit: float) -> None:
+    """Run each model type in turn, printing its row; one that runs past ``limit`` seconds is stopped by
+    an alarm (the driver also kills a worker that stops printing)."""
+    import signal
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"over the {limit:.0f} s limit")
+
+    signal.signal(signal.SIGALRM, alarm)
+    for model_type in model_types:
+        signal.setitimer(signal.ITIMER_REAL, limit)
+        try:
+            row = run_hf(model_type)
+        except TimeoutError as error:
+            row = Row("hf", model_type, model_type, status="timeout", reason=str(error), total_s=limit)
+        except Exception as error:
+            row = Row("hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        print("ROW " + json.dumps(asdict(row)), flush=True)
+
+
+def _run_hf_chunk(model_types: list[str], limit: float) -> list[Row]:
+    """Rows of ``model_types`` from one worker process; a type the worker did not report (it crashed or
+    hung) is run again in a worker of its own."""
+    command = [sys.executable, os.path.abspath(__file__), "--hf-worker", str(limit), *model_types]
+    rows: dict[str, Row] = {}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit * len(model_types) + 60)
+        stdout = done.stdout
+    except subprocess.TimeoutExpired as expired:
+        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+    for line in stdout.splitlines():
+        if line.startswith("ROW "):
+            row = Row(**json.loads(line[4:]))
+            rows[row.family] = row
+    missing = [t for t in model_types if t not in rows]
+    if len(model_types) == 1 and missing:
+        return [Row("hf", missing[0], missing[0], status="crashed", reason="the worker died", total_s=limit)]
+    for model_type in missing:
+        rows.update({r.family: r for r in _run_hf_chunk([model_type], limit)})
+    return [rows[t] for t in model_types]
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
@@ -428,6 +596,55 @@ def summarise(rows: list[Row]) -> dict[str, str]:
     }
 
 
+def _hf_builds(row: Row) -> bool:
+    return row.status != "build-failed"
+
+
+def summarise_hf(rows: list[Row]) -> dict[str, str]:
+    """The headline numbers of the Hugging Face sweep (issue 8's target: 90%)."""
+    built = [r for r in rows if _hf_builds(r)]
+    residual = [r for r in built if r.status != "no-residual"]
+    ok = [r for r in residual if r.status in ("whole", "partial") and r.verified == "ok"]
+    pct = lambda a, b: f"{len(a)}/{len(b)} = {100 * len(a) / max(len(b), 1):.1f}%"  # noqa: E731
+    return {
+        "model types with a base model class": str(len(rows)),
+        "... that build and run from a tiny config": str(len(built)),
+        "... with residual additions, retrofitted (whole or partial) and verified (target 90%)": pct(ok, residual),
+        "... without a residual addition found (clear NoResidualSitesError)": str(
+            sum(r.status == "no-residual" for r in built)
+        ),
+    }
+
+
+def _hf_miss(row: Row) -> str:
+    if row.status in ("build-failed", "no-residual"):
+        return ""
+    if row.status not in ("whole", "partial"):
+        return f"{row.status}: {row.reason}"
+    return "" if row.verified == "ok" else f"verifier {row.verified}"
+
+
+def _hf_tables(rows: list[Row]) -> list[str]:
+    lines = ["## Hugging Face misses and their causes", ""]
+    for r in rows:
+        miss = _hf_miss(r)
+        if miss:
+            lines.append(f"- **{r.family}** ({r.model}): {miss}. Cause: {HF_KNOWN_CAUSES.get(r.family, '**unexplained**')}")
+    lines += ["", "## Hugging Face model types that do not build from a tiny config or have no residual", ""]
+    for r in rows:
+        if r.status in ("build-failed", "no-residual"):
+            lines.append(f"- {r.family} ({r.model}): {r.status}: {r.reason}")
+    headers = ["model type", "class", "params M", "status", "sites", "blocks", "untraced", "specialised", "verifier",
+               "surgery s", "total s", "untraced modules / reason"]
+    lines += ["", "## Hugging Face transformers (tiny configs)", "", "| " + " | ".join(headers) + " |",
+              "|" + "---|" * len(headers)]
+    for r in rows:
+        cells = [r.family, r.model, r.params_m, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
+                 r.surgery_s, r.total_s, r.reason]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    return lines + [""]
+
+
 def _miss(row: Row) -> str:
     """Which target ``row`` misses ('' for none)."""
     if row.status in ("no-residual", "skipped"):
@@ -459,6 +676,14 @@ def _read_csv(path: Path) -> list[Row]:
     return rows
 
 
+def _transformers_version(rows: list[Row]) -> str:
+    if not any(r.zoo == "hf" for r in rows):
+        return ""
+    import transformers
+
+    return f", transformers {transformers.__version__}"
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:g}"
@@ -481,7 +706,8 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
         "# Zoo coverage",
         "",
         f"Generated by `{command}` in {wall_s / 60:.1f} min on {platform.machine()} CPU "
-        f"(torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}), "
+        f"(torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}"
+        f"{_transformers_version(rows)}), "
         f"p_max = {P_MAX}, batch {BATCH} (1 above {LARGE_PARAMS_M} M parameters or {LARGE_SIDE} px), random weights. Columns are explained at the end; "
         "[residual-rules.md](residual-rules.md) explains what counts as a site and what *partial* means.",
         "",
@@ -492,8 +718,13 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
         f"Statuses: {dict(Counter(r.status for r in rows))}",
         "",
     ]
+    hf = [r for r in rows if r.zoo == "hf"]
+    if hf:
+        lines += ["## Hugging Face transformers", "", *[f"- {k}: **{v}**" for k, v in summarise_hf(hf).items()], ""]
     lines += ["## Misses and their causes", ""]
     for r in rows:
+        if r.zoo == "hf":
+            continue
         miss = _miss(r)
         if miss:
             cause = KNOWN_CAUSES.get(r.model, "**unexplained**")
@@ -509,6 +740,8 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
                      r.surgery_s, r.native_rule, r.placement, r.rates, r.reason]
             lines.append("| " + (f"{r.family} | " if zoo == "timm" else "") + " | ".join(map(_cell, cells)) + " |")
         lines.append("")
+    if hf:
+        lines += _hf_tables(hf)
     lines += [
         "## Columns",
         "",
@@ -539,10 +772,12 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str) -> No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
-    parser.add_argument("--zoo", choices=("all", "timm", "torchvision"), default="all")
+    parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "hf"), default="all")
+    parser.add_argument("--hf-timeout", type=float, default=60.0, help="seconds per Hugging Face model type")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--hf-worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--from-csv", type=Path, help="rewrite the report from this CSV without running models")
     parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
     args = parser.parse_args(argv)
@@ -551,6 +786,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = _read_csv(args.from_csv)
         write_reports(rows, args.out, args.wall_min * 60, "python benchmarks/zoo.py")
         print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+        return 0
+
+    if args.hf_worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "1")))
+        _hf_worker(args.hf_worker[1:], float(args.hf_worker[0]))
         return 0
 
     if args.worker:
@@ -573,9 +815,21 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(f"[{index}/{len(jobs)}] {zoo} {name}: {row.status} sites={row.sites} verified={row.verified} "
               f"placement={row.placement} {row.total_s}s {row.reason[:120]}", flush=True)
+    if args.zoo in ("all", "hf"):
+        hf_types = [t for t in hf_model_types() if not args.only or t in args.only]
+        for start in range(0, len(hf_types), HF_CHUNK):
+            for row in _run_hf_chunk(hf_types[start:start + HF_CHUNK], args.hf_timeout):
+                rows.append(row)
+                print(f"[hf {len(rows)}/{len(hf_types)}] {row.family} ({row.model}): {row.status} sites={row.sites} "
+                      f"verified={row.verified} {row.total_s}s {row.reason[:120]}", flush=True)
+    swept = {row.zoo for row in rows}
+    if (args.out / "zoo.csv").exists() and not args.only:  # keep the rows of the zoos not swept this time
+        rows = [r for r in _read_csv(args.out / "zoo.csv") if r.zoo not in swept] + rows
     command = "python benchmarks/zoo.py" + (f" --zoo {args.zoo}" if args.zoo != "all" else "")
     write_reports(rows, args.out, time.perf_counter() - started, command)
     print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+    if any(r.zoo == "hf" for r in rows):
+        print("\n".join(f"Hugging Face {k}: {v}" for k, v in summarise_hf([r for r in rows if r.zoo == "hf"]).items()))
     return 0
 
 
