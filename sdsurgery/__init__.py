@@ -14,7 +14,8 @@ from .rewrite import RetrofittedBlock
 from .schedules import drop_rates, linear_rates
 from .skipping import SkippableBranch, seed_block_drops
 from .surgery import apply_stochastic_depth
-from .verify import SiteCheck, VerificationReport, default_example_inputs, verify
+from .inputs import default_example_inputs
+from .verify import SiteCheck, VerificationReport, verify
 
 __version__ = "0.1.0"
 

@@ -340,7 +340,7 @@ def _check(original: nn.Module, retrofitted: nn.Module, inputs: tuple, spec: Mod
 def _failures(report: VerificationReport) -> str:
     failed = []
     if not report.eval_ok:
-        failed.append(f"eval outputs differ by up to {report.eval_max_abs_diff:.3g}")
+        failed.append(f"eval outputs differ ({report.eval_mismatch or f'by up to {report.eval_max_abs_diff:.3g}'})")
     if not report.train_ok:
         failed.append(f"train outputs at rate 0 differ by up to {report.train_max_abs_diff:.3g}")
     if not report.sites_ok:

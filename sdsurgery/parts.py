@@ -24,6 +24,7 @@ import torch
 from torch import fx, nn
 
 from .errors import TraceError
+from .inputs import ExampleCall, bind_arguments
 from .ops import STOCHASTIC_DEPTH_MODULES
 from .residuals import find_residual_adds
 from .tracing import (
@@ -31,9 +32,7 @@ from .tracing import (
     ShapeExamples,
     Trace,
     TraceOptions,
-    _bind_arguments,
     _unchanged,
-    bind_example_inputs,
     new_fake_mode,
     timm_leaf_modules,
     to_fake,
@@ -64,7 +63,7 @@ class TracedModel:
     model: nn.Module
     options: TraceOptions
     """Relative to the model; the example values of every module call seen so far."""
-    example_inputs: tuple | None
+    example_inputs: ExampleCall | None
     root: Part | None = None
     untraced: dict[str, str] = field(default_factory=dict)
     """Modules kept as they are, with the reason ('' is the model's own forward)."""
@@ -143,15 +142,15 @@ def execution_order(root: Part | None) -> Iterator[tuple[Part, fx.Node]]:
         yield from execution_order(inner)
 
 
-def trace_model(model: nn.Module, options: TraceOptions, example_inputs: tuple | None) -> TracedModel:
+def trace_model(model: nn.Module, options: TraceOptions, example_inputs: ExampleCall | None) -> TracedModel:
     """Trace ``model`` in steps 1-4 of the module docstring; never raises for code that does not trace."""
     if example_inputs is not None:
         fake_mode = new_fake_mode()
-        root_values = to_fake(fake_mode, bind_example_inputs(model, example_inputs))
+        root_values = to_fake(fake_mode, example_inputs.bind(model))
         options = replace(options, examples=ShapeExamples(fake_mode, {"": root_values}))
     traced = TracedModel(model, options, example_inputs)
     if example_inputs is not None:
-        traced.root_call = ModuleCall(bind_example_inputs(model, example_inputs))
+        traced.root_call = ModuleCall(example_inputs.bind(model))
     traced.root = _trace_part(traced, "")
     return traced
 
@@ -271,7 +270,7 @@ def _capture_calls(traced: TracedModel) -> None:
         path = names.get(id(module))
         if path is not None and path not in order:
             order[path] = len(order)
-            arguments = _bind_arguments(module, args, kwargs)
+            arguments = bind_arguments(module, args, kwargs)
             calls[path] = ModuleCall(arguments, to_fake(fake_mode, arguments))
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
@@ -296,11 +295,11 @@ def _capture_calls(traced: TracedModel) -> None:
     traced.options = replace(traced.options, examples=replace(examples, calls={**values, **examples.calls}))
 
 
-def _run_fake(model: nn.Module, inputs: tuple, fake_mode: Any) -> None:
-    fake_inputs = to_fake(fake_mode, inputs)
+def _run_fake(model: nn.Module, call: ExampleCall, fake_mode: Any) -> None:
+    fake_call = call.map(lambda v: to_fake(fake_mode, v))
     with fake_mode:
-        model(*fake_inputs)
+        fake_call(model)
 
 
-def _run_real(model: nn.Module, inputs: tuple, fake_mode: Any) -> None:
-    model(*inputs)
+def _run_real(model: nn.Module, call: ExampleCall, fake_mode: Any) -> None:
+    call(model)

@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
-import torch
 from torch import nn
 
+from .inputs import ExampleInputs, example_call
 from .ops import _check_rate
 from .parts import execution_order, trace_model
 from .residuals import ResidualAdd, add_operands, find_residual_adds
@@ -96,7 +96,7 @@ def plan_stochastic_depth(
     exclude: Sequence[ModuleFilter] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
-    example_inputs: torch.Tensor | tuple | None = None,
+    example_inputs: ExampleInputs | None = None,
 ) -> SurgeryPlan:
     """Trace ``model`` and plan stochastic depth on each residual branch, rates rising with depth.
 
@@ -108,15 +108,10 @@ def plan_stochastic_depth(
     traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The
     model is not changed.
     """
-    from .verify import default_example_inputs
-
     _check_rate(p_max)
-    if example_inputs is None:
-        example_inputs = default_example_inputs(model)
-    elif isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    call = example_call(model, example_inputs)
     options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
-    traced = trace_model(model, options, example_inputs)
+    traced = trace_model(model, options, call)
 
     adds: list[tuple[str, ResidualAdd, int]] = []  # (block path in the model, add, ordinal)
     call_depths: dict[str, int] = {}
@@ -217,7 +212,7 @@ def find_residual_sites(
     exclude: Sequence[ModuleFilter] = (),
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
-    example_inputs: torch.Tensor | tuple | None = None,
+    example_inputs: ExampleInputs | None = None,
 ) -> list[ResidualSite]:
     """The residual sites of ``model`` with their depth and planned rate, without changing anything.
 

@@ -10,13 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from .errors import NoResidualSitesError, VerificationError
+from .errors import NoResidualSitesError
+from .inputs import ExampleInputs, eval_outputs, example_call
 from .ops import _check_mode
 from .plan import ModuleFilter, SurgeryPlan, plan_stochastic_depth
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
 from .skipping import SKIPPING_MODES, skip_dropped_branches
-from .verify import ExampleInputs, compare_eval_outputs, default_example_inputs, eval_outputs
+from .verify import check_eval_outputs
 
 
 def apply_stochastic_depth(
@@ -67,18 +68,13 @@ def apply_stochastic_depth(
             + "; ".join(f"{path or '<model forward>'} ({why})" for path, why in plan.untraced.items()),
             stacklevel=2,
         )
-    inputs = (example_inputs if example_inputs is not None else default_example_inputs(model)) if verify else None
-    reference = eval_outputs(model, inputs) if inputs is not None else None
+    call = example_call(model, example_inputs) if verify else None
+    reference = eval_outputs(model, call) if call is not None else None
 
     result = rewrite(model if inplace else copy.deepcopy(model), plan, mode)
 
-    if reference is not None:
-        max_abs_diff, ok = compare_eval_outputs(reference, eval_outputs(result, inputs))
-        if not ok:
-            raise VerificationError(
-                f"eval outputs changed after surgery (max abs diff {max_abs_diff:.3g}); this is a bug in "
-                "sdsurgery: please report it with the model, or exclude the offending blocks with exclude=[...]"
-            )
+    if call is not None:
+        check_eval_outputs(reference, result, call)
     return result
 
 

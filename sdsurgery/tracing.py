@@ -15,7 +15,6 @@ something else. Shapes that only flow into tensor operations stay symbolic; data
 from __future__ import annotations
 
 import copy
-import inspect
 import operator
 import os
 import sys
@@ -30,6 +29,7 @@ from torch import fx, nn
 from torch.utils import _pytree as pytree
 
 from .errors import TraceError
+from .inputs import bind_arguments
 from .ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
 
 
@@ -269,7 +269,7 @@ class SurgeryTracer(fx.Tracer):
             return forward(*args, **kwargs)
         path = self.path_of_module(m)
         if path not in self.module_calls:
-            arguments = _bind_arguments(m, args, kwargs)
+            arguments = bind_arguments(m, args, kwargs)
             values = pytree.tree_map(self.value_of, arguments) if self.example_values is not None else None
             self.module_calls[path] = ModuleCall(arguments, values)
         try:
@@ -401,26 +401,6 @@ def _user_location() -> str:
             return f"{'/'.join(parts[-2:])}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
-
-
-def _bind_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by parameter name, defaults included (an omitted ``mask=None`` is specialised on
-    too, or a standalone trace would take the ``mask is not None`` path); ``*args`` left out, ``**kwargs``
-    as one dict under its name."""
-    try:
-        signature = inspect.signature(module.forward)
-        bound = signature.bind(*args, **kwargs)
-    except (TypeError, ValueError):
-        return {}
-    bound.apply_defaults()
-    return {
-        k: v for k, v in bound.arguments.items() if signature.parameters[k].kind is not inspect.Parameter.VAR_POSITIONAL
-    }
-
-
-def bind_example_inputs(module: nn.Module, example_inputs: tuple) -> dict[str, Any]:
-    """Positional example inputs of ``module`` bound to its forward's parameter names."""
-    return _bind_arguments(module, tuple(example_inputs), {})
 
 
 def new_fake_mode() -> Any:

@@ -9,87 +9,110 @@ addition return exactly its skip operand while the skip itself is unchanged.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.utils import _pytree as pytree
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
+from .errors import VerificationError
+from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode
 from .ops import STOCHASTIC_DEPTH_MODULES, StochasticDepth, set_drop_rate_of
 from .residuals import ResidualAdd, add_operands, classify_add, input_dependent_nodes
 
-ExampleInputs = Union[torch.Tensor, tuple]
-"""One input tensor, or a tuple of positional inputs."""
+
+def output_leaves(output: Any) -> dict[str, Any]:
+    """The leaves of a model output by where they are (``"[0]"``, ``"['logits']"``, ``".last_hidden_state"``),
+    through tuples, lists, dicts, dataclasses, Hugging Face ``ModelOutput``s and other objects' attributes
+    (a cache object holding tensors); a tensor or a plain value is a leaf."""
+    leaves: dict[str, Any] = {}
+    _collect_leaves(output, "", leaves, set())
+    return leaves
 
 
-def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...] | None:
-    """A random input from the model's known input size (timm's ``pretrained_cfg``, 3x224x224 for
-    torchvision classifiers), or ``None`` when the size is not known."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    size = cfg.get("input_size") if isinstance(cfg, dict) else None
-    if size is None and type(model).__module__.startswith("torchvision.models"):
-        size = (3, 224, 224)
-    if size is None:
-        return None
-    parameter = next(model.parameters(), None)
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((batch_size, *size), generator=generator)
-    return (x.to(parameter.device) if parameter is not None else x,)
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size, type)
 
 
-def _as_args(example_inputs: ExampleInputs) -> tuple:
-    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+def _collect_leaves(value: Any, where: str, leaves: dict[str, Any], open_ids: set[int]) -> None:
+    if isinstance(value, (torch.Tensor, *_PLAIN)) or id(value) in open_ids:
+        leaves[where] = value
+        return
+    if isinstance(value, Mapping):
+        items = [(f"[{k!r}]", v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(f"[{i}]", v) for i, v in enumerate(value)]
+    elif dataclasses.is_dataclass(value):
+        items = [(f".{f.name}", getattr(value, f.name)) for f in dataclasses.fields(value)]
+    elif hasattr(value, "__dict__") and not callable(value):
+        items = [(f".{k}", v) for k, v in sorted(vars(value).items()) if not k.startswith("_")]
+    else:
+        leaves[where] = value
+        return
+    leaves[f"{where}<{type(value).__name__}>"] = len(items)  # the container's type and size are compared too
+    open_ids.add(id(value))
+    for key, item in items:
+        _collect_leaves(item, where + key, leaves, open_ids)
+    open_ids.discard(id(value))
 
 
-@contextmanager
-def _mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
-    """Run ``model`` in train or eval mode, restoring every submodule's own mode afterwards."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(training)
-    try:
-        yield model
-    finally:
-        for module, was_training in modes:
-            if module.training != was_training:
-                module.train(was_training)
+@dataclass(frozen=True)
+class OutputDifference:
+    """How far apart two outputs are: the largest absolute difference over their tensor leaves, and the first
+    leaf where their structure, shapes or plain values differ (``mismatch``, ``None`` when they match)."""
+
+    max_abs_diff: float
+    mismatch: str | None = None
 
 
-def eval_outputs(model: nn.Module, example_inputs: ExampleInputs) -> Any:
-    """``model``'s eval-mode output on ``example_inputs`` (no grad); the model's modes are restored."""
-    with torch.no_grad(), _mode(model, False):
-        return model(*_as_args(example_inputs))
-
-
-def _max_abs_diff(expected: Any, actual: Any) -> float:
-    leaves_e, spec_e = pytree.tree_flatten(expected)
-    leaves_a, spec_a = pytree.tree_flatten(actual)
-    if spec_e != spec_a:
-        return float("inf")
+def compare_outputs(expected: Any, actual: Any) -> OutputDifference:
+    """Compare two model outputs leaf by leaf (see :func:`output_leaves`)."""
+    leaves_e, leaves_a = output_leaves(expected), output_leaves(actual)
+    if leaves_e.keys() != leaves_a.keys():
+        where = next(iter([k for k in leaves_e if k not in leaves_a] + [k for k in leaves_a if k not in leaves_e]))
+        return OutputDifference(float("inf"), f"output{where} is in one output only")
     diff = 0.0
-    for e, a in zip(leaves_e, leaves_a):
+    for where, e in leaves_e.items():
+        a = leaves_a[where]
         if isinstance(e, torch.Tensor):
             if not isinstance(a, torch.Tensor) or e.shape != a.shape:
-                return float("inf")
+                got = tuple(a.shape) if isinstance(a, torch.Tensor) else type(a).__name__
+                return OutputDifference(float("inf"), f"output{where}: expected shape {tuple(e.shape)}, got {got}")
             if e.numel():
-                diff = max(diff, (e.double() - a.double()).abs().max().item())
-        elif e != a:
-            return float("inf")
-    return diff
+                e, a = e.detach().double(), a.detach().to(e.device).double()
+                equal = (e == a) | (e.isnan() & a.isnan())  # the same inf or NaN is no difference
+                diff = max(diff, torch.where(equal, 0.0, (e - a).abs()).max().item())
+        elif not _same_value(e, a):
+            return OutputDifference(float("inf"), f"output{where}: expected {e!r}, got {a!r}")
+    return OutputDifference(diff)
+
+
+def _same_value(expected: Any, actual: Any) -> bool:
+    try:
+        return bool(expected == actual) or (expected is actual)
+    except Exception:  # an object whose == is not a bool (or raises): only identity counts
+        return expected is actual
 
 
 def _default_atol(outputs: Any) -> float:
-    on_cpu = all(t.device.type == "cpu" for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor))
+    on_cpu = all(t.device.type == "cpu" for t in output_leaves(outputs).values() if isinstance(t, torch.Tensor))
     return 0.0 if on_cpu else 1e-5  # CPU kernels are deterministic: the same graph gives the same bits
 
 
-def compare_eval_outputs(expected: Any, actual: Any, atol: float | None = None) -> tuple[float, bool]:
-    """Max abs difference of two outputs and whether it is within ``atol`` (0 on CPU by default)."""
-    diff = _max_abs_diff(expected, actual)
-    return diff, diff <= (_default_atol(expected) if atol is None else atol)
+def check_eval_outputs(expected: Any, retrofitted: nn.Module, example_inputs: ExampleInputs | ExampleCall) -> None:
+    """Raise ``VerificationError`` unless ``retrofitted``'s eval outputs on ``example_inputs`` equal
+    ``expected`` (the original's) within the default tolerance (0 on CPU)."""
+    actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, example_inputs))
+    difference = compare_outputs(expected, actual)
+    if difference.mismatch is not None or difference.max_abs_diff > _default_atol(expected):
+        raise VerificationError(
+            f"eval outputs changed after surgery ({difference.mismatch or f'max abs diff {difference.max_abs_diff:.3g}'}); "
+            "this is a bug in sdsurgery: please report it with the model, or exclude the offending blocks with "
+            "exclude=[...]"
+        )
 
 
 @dataclass(frozen=True)
@@ -112,17 +135,21 @@ class VerificationReport:
     """What :func:`verify` measured. ``ok`` is true when every check passed."""
 
     eval_max_abs_diff: float
-    train_max_abs_diff: float
+    train_max_abs_diff: float | None
+    """``None`` when the original itself does not run in train mode on the inputs (``train_skipped`` says why)."""
     atol: float
     sites: list[SiteCheck] = field(default_factory=list)
+    eval_mismatch: str | None = None
+    """The first output leaf whose structure, shape or plain value differs in eval mode, if any."""
+    train_skipped: str | None = None
 
     @property
     def eval_ok(self) -> bool:
-        return self.eval_max_abs_diff <= self.atol
+        return self.eval_mismatch is None and self.eval_max_abs_diff <= self.atol
 
     @property
     def train_ok(self) -> bool:
-        return self.train_max_abs_diff <= self.atol
+        return self.train_max_abs_diff is None or self.train_max_abs_diff <= self.atol
 
     @property
     def sites_ok(self) -> bool:
@@ -134,10 +161,14 @@ class VerificationReport:
 
     def summary(self) -> str:
         failed = [c.module for c in self.sites if not c.ok]
+        train = (
+            f"train check skipped ({self.train_skipped})" if self.train_max_abs_diff is None
+            else f"train (rates 0) max abs diff {self.train_max_abs_diff:.3g}"
+        )
         return (
-            f"{'OK' if self.ok else 'FAILED'}: eval max abs diff {self.eval_max_abs_diff:.3g}, "
-            f"train (rates 0) max abs diff {self.train_max_abs_diff:.3g}, "
-            f"{len(self.sites) - len(failed)}/{len(self.sites)} sites drop to their skip"
+            f"{'OK' if self.ok else 'FAILED'}: eval max abs diff {self.eval_max_abs_diff:.3g}"
+            + (f" ({self.eval_mismatch})" if self.eval_mismatch else "")
+            + f", {train}, {len(self.sites) - len(failed)}/{len(self.sites)} sites drop to their skip"
             + (f" (failed: {', '.join(failed)})" if failed else "")
         )
 
@@ -152,8 +183,14 @@ def verify(
 ) -> VerificationReport:
     """Check that ``retrofitted`` is ``original`` with stochastic depth on its residual branches.
 
-    ``example_inputs`` defaults to an input built from the original's known input size; ``ValueError`` if
-    there is none. Neither model is changed. ``atol`` defaults to 0 on CPU (bit-exact) and 1e-5 elsewhere.
+    ``example_inputs`` (a tensor, a tuple of positional or a dict of keyword arguments) defaults to an input
+    built from the original's known input size; ``ValueError`` if there is none. Outputs are compared leaf by
+    leaf through tuples, lists, dicts, dataclasses and ``ModelOutput``s. Whatever the original computes on
+    the inputs in eval mode, this returns a report or raises ``VerificationError`` (the retrofitted model
+    raised where the original did not); an exception of the original's own is passed on. The train check is
+    skipped, and says so, when the original does not run in train mode on the inputs (a detection model
+    that wants targets). Neither model is changed. ``atol`` defaults to 0 on CPU (bit-exact) and 1e-5
+    elsewhere.
     """
     if example_inputs is None:
         example_inputs = default_example_inputs(original)
@@ -161,28 +198,53 @@ def verify(
             raise ValueError(
                 f"verify needs example_inputs: the input size of {type(original).__name__} is not known"
             )
-    expected = eval_outputs(original, example_inputs)
-    eval_diff, _ = compare_eval_outputs(expected, eval_outputs(retrofitted, example_inputs))
-    tolerance = _default_atol(expected) if atol is None else atol
+    call = as_call(example_inputs)
+    expected = eval_outputs(original, call)
+    actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, call))
+    difference = compare_outputs(expected, actual)
+    train_diff, train_skipped = _train_diff_at_rate_zero(original, retrofitted, call, seed)
     return VerificationReport(
-        eval_max_abs_diff=eval_diff,
-        train_max_abs_diff=_train_diff_at_rate_zero(original, retrofitted, example_inputs, seed),
-        atol=tolerance,
-        sites=_check_sites(retrofitted, example_inputs),
+        eval_max_abs_diff=difference.max_abs_diff,
+        train_max_abs_diff=train_diff,
+        atol=_default_atol(expected) if atol is None else atol,
+        sites=_retrofitted_run("while dropping each site in turn", lambda: _check_sites(retrofitted, call)),
+        eval_mismatch=difference.mismatch,
+        train_skipped=train_skipped,
     )
 
 
-def _train_diff_at_rate_zero(original: nn.Module, retrofitted: nn.Module, inputs: ExampleInputs, seed: int) -> float:
-    outputs = []
-    for model in (original, retrofitted):
-        model = copy.deepcopy(model)  # train mode updates batch-norm statistics
-        for module in model.modules():
-            if isinstance(module, STOCHASTIC_DEPTH_MODULES):
-                set_drop_rate_of(module, 0.0)
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(seed)
-            outputs.append(model.train()(*_as_args(inputs)))
-    return _max_abs_diff(*outputs)
+def _retrofitted_run(what: str, run: Any) -> Any:
+    """``run()``, with an exception of the retrofitted model's turned into a ``VerificationError``."""
+    try:
+        return run()
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise VerificationError(
+            f"the retrofitted model raised {type(error).__name__} {what} on the example inputs, where the original "
+            f"runs: {reason}"
+        ) from error
+
+
+def _train_outputs(model: nn.Module, call: ExampleCall, seed: int) -> Any:
+    model = copy.deepcopy(model)  # train mode updates batch-norm statistics
+    for module in model.modules():
+        if isinstance(module, STOCHASTIC_DEPTH_MODULES):
+            set_drop_rate_of(module, 0.0)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        return call(model.train())
+
+
+def _train_diff_at_rate_zero(
+    original: nn.Module, retrofitted: nn.Module, call: ExampleCall, seed: int
+) -> tuple[float | None, str | None]:
+    try:
+        expected = _train_outputs(original, call, seed)
+    except Exception as error:  # not a train-mode call form of this model (a detector wants targets)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return None, f"the original raises in train mode on these inputs: {reason}"
+    actual = _retrofitted_run("in train mode", lambda: _train_outputs(retrofitted, call, seed))
+    return compare_outputs(expected, actual).max_abs_diff, None
 
 
 class _SiteProbe(fx.Interpreter):
@@ -195,6 +257,12 @@ class _SiteProbe(fx.Interpreter):
         self.dropped = dropped
         self.watched = watched
         self.values: dict[fx.Node, torch.Tensor] = {}
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        # fx makes list and dict arguments immutable; the generated forward passes fresh mutable ones, and
+        # helpers kept as single calls may change them (torchvision's swin3d pads its window size in place).
+        args, kwargs = super().fetch_args_kwargs_from_env(n)
+        return _mutable(args), _mutable(kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
         if n is self.dropped:
@@ -221,7 +289,17 @@ def _site_add(
     return None
 
 
-def _check_sites(retrofitted: nn.Module, inputs: ExampleInputs) -> list[SiteCheck]:
+def _mutable(value: Any) -> Any:
+    if isinstance(value, (immutable_list, list)):
+        return [_mutable(v) for v in value]
+    if isinstance(value, tuple) and type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    if isinstance(value, (immutable_dict, dict)) and type(value) in (immutable_dict, dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    return value
+
+
+def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
     from .rewrite import RetrofittedBlock
 
     blocks = {path: m for path, m in retrofitted.named_modules() if isinstance(m, RetrofittedBlock)}
@@ -254,7 +332,7 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleInputs) -> list[SiteChec
             if isinstance(block.get_submodule(node.target), StochasticDepth)
         }
         watched = {n for site in sites.values() if site is not None for n in (site.add, site.skip)}
-        with torch.no_grad(), _mode(block, False):
+        with torch.no_grad(), model_mode(block, False):
             kept = _SiteProbe(block, graph, None, watched)
             kept.run(*args)
             for node, site in sites.items():
