@@ -15,6 +15,7 @@ something else. Shapes that only flow into tensor operations stay symbolic; data
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import os
 import sys
