@@ -64,10 +64,15 @@ def load_model_directory(path: str | Path) -> nn.Module:
     except Exception as error:
         raise HFModelError(f"cannot read the Hugging Face config in {path}: {_first_line(error)}") from error
     cls = model_class(config)
+    progress = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a command's output is its own
     try:
         return cls.from_pretrained(str(path), local_files_only=True).eval()
     except Exception as error:
         raise HFModelError(f"cannot load {cls.__name__} from {path}: {_first_line(error)}") from error
+    finally:
+        if progress:
+            transformers.utils.logging.enable_progress_bar()
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

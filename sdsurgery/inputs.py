@@ -79,9 +79,17 @@ def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) ->
     }
 
 
-def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...] | None:
+def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...] | dict[str, Any] | None:
     """A random input from the model's known input size (timm's ``pretrained_cfg``, 3x224x224 for
-    torchvision classifiers), or ``None`` when the size is not known."""
+    torchvision classifiers; keyword inputs made from the config of a Hugging Face model, see
+    :func:`sdsurgery.hf.example_inputs`), or ``None`` when the size is not known."""
+    if is_transformers_model(model):
+        from .hf import HFModelError, example_inputs
+
+        try:
+            return example_inputs(model, batch_size)
+        except HFModelError:
+            return None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if size is None and type(model).__module__.startswith("torchvision.models"):
@@ -92,6 +100,13 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size, *size), generator=generator)
     return (x.to(parameter.device) if parameter is not None else x,)
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face transformers model (a ``PreTrainedModel``), without importing
+    transformers when it is not loaded."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+               for cls in type(model).__mro__)
 
 
 def example_call(model: nn.Module, example_inputs: ExampleInputs | ExampleCall | None) -> ExampleCall | None:
