@@ -497,9 +497,13 @@ def run_hf(model_type: str) -> Row:
 
 
 def _hf_worker(model_types: list[str], limit: float) -> None:
-    """Run each model type in turn, printing its row; one that runs past ``limit`` seconds is stopped by
-    an alarm (the driver also kills a worker that stops printing)."""
+    """Run each model type in turn, printing its row. One that runs past ``limit`` seconds is stopped by an
+    alarm, and the worker stops after it: the alarm may have broken a half-done import, so the driver goes
+    on in a fresh worker."""
     import signal
+
+    import torch._dynamo  # noqa: F401  (imported before any alarm can interrupt it)
+    import transformers  # noqa: F401
 
     def alarm(signum, frame):
         raise TimeoutError(f"over the {limit:.0f} s limit")
@@ -507,36 +511,46 @@ def _hf_worker(model_types: list[str], limit: float) -> None:
     signal.signal(signal.SIGALRM, alarm)
     for model_type in model_types:
         signal.setitimer(signal.ITIMER_REAL, limit)
+        timed_out = False
         try:
             row = run_hf(model_type)
         except TimeoutError as error:
             row = Row("hf", model_type, model_type, status="timeout", reason=str(error), total_s=limit)
+            timed_out = True
         except Exception as error:
             row = Row("hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
         finally:
             signal.setitimer(signal.ITIMER_REAL, 0)
         print("ROW " + json.dumps(asdict(row)), flush=True)
+        if timed_out:
+            return
 
 
 def _run_hf_chunk(model_types: list[str], limit: float) -> list[Row]:
-    """Rows of ``model_types`` from one worker process; a type the worker did not report (it crashed or
-    hung) is run again in a worker of its own."""
-    command = [sys.executable, os.path.abspath(__file__), "--hf-worker", str(limit), *model_types]
+    """Rows of ``model_types``, run in as few worker processes as it takes: when a worker stops (after a
+    timeout, or because it died), the types it did not report go on in a fresh one; a type a worker died on
+    is reported as crashed."""
     rows: dict[str, Row] = {}
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit * len(model_types) + 60)
-        stdout = done.stdout
-    except subprocess.TimeoutExpired as expired:
-        stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
-    for line in stdout.splitlines():
-        if line.startswith("ROW "):
-            row = Row(**json.loads(line[4:]))
-            rows[row.family] = row
-    missing = [t for t in model_types if t not in rows]
-    if len(model_types) == 1 and missing:
-        return [Row("hf", missing[0], missing[0], status="crashed", reason="the worker died", total_s=limit)]
-    for model_type in missing:
-        rows.update({r.family: r for r in _run_hf_chunk([model_type], limit)})
+    remaining = list(model_types)
+    while remaining:
+        command = [sys.executable, os.path.abspath(__file__), "--hf-worker", str(limit), *remaining]
+        stderr = ""
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=limit * len(remaining) + 120)
+            stdout, stderr = done.stdout, done.stderr
+        except subprocess.TimeoutExpired as expired:
+            stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        reported = [Row(**json.loads(line[4:])) for line in stdout.splitlines() if line.startswith("ROW ")]
+        rows.update((row.family, row) for row in reported)
+        remaining = [t for t in remaining if t not in rows]
+        if remaining and not reported:  # it died on the first one
+            tail = (stderr.strip().splitlines() or ["the worker died"])[-1]
+            rows[remaining[0]] = Row("hf", remaining[0], remaining[0], status="crashed", reason=tail[:300])
+            remaining = remaining[1:]
+        elif remaining and reported[-1].status != "timeout":  # it died after the last one it reported
+            tail = (stderr.strip().splitlines() or ["the worker died"])[-1]
+            rows[remaining[0]] = Row("hf", remaining[0], remaining[0], status="crashed", reason=tail[:300])
+            remaining = remaining[1:]
     return [rows[t] for t in model_types]
 
 
@@ -773,7 +787,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
     parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "hf"), default="all")
-    parser.add_argument("--hf-timeout", type=float, default=60.0, help="seconds per Hugging Face model type")
+    parser.add_argument("--hf-timeout", type=float, default=90.0, help="seconds per Hugging Face model type")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
