@@ -172,7 +172,7 @@ HF_TINY = {
     "decoder_attention_heads": 2, "num_key_value_heads": 2, "num_heads": 2, "head_dim": 16, "d_kv": 16,
 }
 HF_MAX_VOCAB = 1000
-HF_CHUNK = 25  # model types per worker process (one import of transformers for many small models)
+HF_CHUNK = 40  # model types per worker process (one import of transformers for many small models)
 HF_MAX_IMAGE = 64
 
 
@@ -201,12 +201,12 @@ def tiny_config(config):
             patch = getattr(config, "patch_size", 1)
             if isinstance(patch, int) and HF_MAX_IMAGE % patch == 0:
                 config.image_size = HF_MAX_IMAGE
-        elif key in ("depths", "num_layers_per_stage", "layers_per_stage") and isinstance(value, list):
+        elif key in ("depths", "num_layers_per_stage", "layers_per_stage") and isinstance(value, (list, tuple)):
             setattr(config, key, [1] * len(value))
-        elif key == "hidden_sizes" and isinstance(value, list):
+        elif key == "hidden_sizes" and isinstance(value, (list, tuple)):
             config.hidden_sizes = [min(v, 16 * 2**i) for i, v in enumerate(value)]
     heads = getattr(config, "num_heads", None)
-    if isinstance(heads, list) and isinstance(getattr(config, "embed_dim", None), int):  # Swin-style stages
+    if isinstance(heads, (list, tuple)) and isinstance(getattr(config, "embed_dim", None), int):  # Swin-style stages
         config.num_heads = [2**i for i in range(len(heads))]
         config.embed_dim = min(config.embed_dim, 16)
     if getattr(config, "num_key_value_heads", None) and getattr(config, "num_attention_heads", None):
@@ -497,20 +497,20 @@ def run_hf(model_type: str) -> Row:
 
 
 def _hf_worker(model_types: list[str], limit: float) -> None:
-    """Run each model type in turn, printing its row. One that runs past ``limit`` seconds is stopped by an
-    alarm, and the worker stops after it: the alarm may have broken a half-done import, so the driver goes
-    on in a fresh worker."""
+    """Run each model type in turn, printing its row. One that uses more than ``limit`` seconds of CPU time
+    (not wall time: the sweep shares its machine) is stopped by an alarm, and the worker stops after it: the
+    alarm may have broken a half-done import, so the driver goes on in a fresh worker."""
     import signal
 
     import torch._dynamo  # noqa: F401  (imported before any alarm can interrupt it)
     import transformers  # noqa: F401
 
     def alarm(signum, frame):
-        raise TimeoutError(f"over the {limit:.0f} s limit")
+        raise TimeoutError(f"over the {limit:.0f} s CPU-time limit")
 
-    signal.signal(signal.SIGALRM, alarm)
+    signal.signal(signal.SIGPROF, alarm)
     for model_type in model_types:
-        signal.setitimer(signal.ITIMER_REAL, limit)
+        signal.setitimer(signal.ITIMER_PROF, limit)
         timed_out = False
         try:
             row = run_hf(model_type)
@@ -520,7 +520,7 @@ def _hf_worker(model_types: list[str], limit: float) -> None:
         except Exception as error:
             row = Row("hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_PROF, 0)
         print("ROW " + json.dumps(asdict(row)), flush=True)
         if timed_out:
             return
@@ -536,7 +536,8 @@ def _run_hf_chunk(model_types: list[str], limit: float) -> list[Row]:
         command = [sys.executable, os.path.abspath(__file__), "--hf-worker", str(limit), *remaining]
         stderr = ""
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=limit * len(remaining) + 120)
+            # a wall-time backstop for a worker stuck outside Python (the limit itself is CPU time)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=4 * limit * len(remaining) + 600)
             stdout, stderr = done.stdout, done.stderr
         except subprocess.TimeoutExpired as expired:
             stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
@@ -787,7 +788,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
     parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "hf"), default="all")
-    parser.add_argument("--hf-timeout", type=float, default=90.0, help="seconds per Hugging Face model type")
+    parser.add_argument("--hf-timeout", type=float, default=45.0, help="CPU seconds per Hugging Face model type")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
@@ -830,12 +831,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{index}/{len(jobs)}] {zoo} {name}: {row.status} sites={row.sites} verified={row.verified} "
               f"placement={row.placement} {row.total_s}s {row.reason[:120]}", flush=True)
     if args.zoo in ("all", "hf"):
+        args.out.mkdir(parents=True, exist_ok=True)
         hf_types = [t for t in hf_model_types() if not args.only or t in args.only]
         for start in range(0, len(hf_types), HF_CHUNK):
             for row in _run_hf_chunk(hf_types[start:start + HF_CHUNK], args.hf_timeout):
                 rows.append(row)
                 print(f"[hf {len(rows)}/{len(hf_types)}] {row.family} ({row.model}): {row.status} sites={row.sites} "
                       f"verified={row.verified} {row.total_s}s {row.reason[:120]}", flush=True)
+            with open(args.out / "zoo-hf-partial.csv", "w", newline="") as f:  # progress, for a long sweep
+                writer = csv.writer(f)
+                writer.writerow([f.name for f in fields(Row)])
+                writer.writerows([_cell(v) for v in asdict(r).values()] for r in rows)
     swept = {row.zoo for row in rows}
     if (args.out / "zoo.csv").exists() and not args.only:  # keep the rows of the zoos not swept this time
         rows = [r for r in _read_csv(args.out / "zoo.csv") if r.zoo not in swept] + rows

@@ -105,12 +105,25 @@ class TracedModel:
         return options
 
     def all_calls(self) -> dict[str, ModuleCall]:
-        """The first call of every module, from the traces and from the run of the model."""
+        """The first call of every module, from the traces and from the run of the model. Where both saw a
+        call, an argument the trace saw as a traced value stays one (shapes computed from the input stay
+        symbolic), and any other argument is taken from the run: a trace through a decorated forward skips
+        what its decorators do (transformers fills ``use_cache`` from the config), the run does not."""
         calls = dict(self.calls)
         for part in _traced_parts(self.root):
             for path, call in part.trace.module_calls.items():
-                calls.setdefault(_join(part.path, path), call)
+                path = _join(part.path, path)
+                calls[path] = _merged_call(call, calls[path]) if path in calls else call
         return calls
+
+
+def _merged_call(traced: ModuleCall, run: ModuleCall) -> ModuleCall:
+    arguments = dict(run.arguments)
+    for name, value in traced.arguments.items():
+        if isinstance(value, fx.Proxy) or name not in arguments:
+            arguments[name] = value
+    values = {**(run.values or {}), **(traced.values or {})} if traced.values is not None else run.values
+    return ModuleCall(arguments, values)
 
 
 def _traced_parts(part: Part | None) -> Iterator[Part]:
@@ -152,6 +165,7 @@ def trace_model(model: nn.Module, options: TraceOptions, example_inputs: Example
     if example_inputs is not None:
         traced.root_call = ModuleCall(example_inputs.bind(model))
     traced.root = _trace_part(traced, "")
+    _capture_calls(traced)  # how the blocks are really called (see TracedModel.all_calls)
     return traced
 
 

@@ -450,7 +450,7 @@ def trace(
     """
     examples = options.examples.at("") if options.examples is not None else None
     tracer = SurgeryTracer(options, extra_leaves, examples)
-    attributes_before = set(vars(module))
+    attributes_before = dict(vars(module))
     try:
         with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):
             warnings.simplefilter("ignore")  # fx warns for every specialised argument it cannot assert on
@@ -461,7 +461,12 @@ def trace(
         raise TraceError(full_path, inner_type, error) from error
     finally:
         # fx stores tensor constants on the traced module; take them back off so tracing changes nothing.
-        constants = {name: vars(module).pop(name) for name in set(vars(module)) - attributes_before}
+        constants = {name: vars(module).pop(name) for name in set(vars(module)) - set(attributes_before)}
+        # Code that sets an attribute of the traced module itself (``self.window_size = min(resolution)``)
+        # would leave a proxy there for the next trace.
+        for name, value in attributes_before.items():
+            if vars(module).get(name) is not value:
+                vars(module)[name] = value
     _restore_specialised_names(graph, concrete_args or {})
     return Trace(graph, tracer.module_calls, constants, tracer.specialised)
 
