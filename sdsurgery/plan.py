@@ -133,13 +133,14 @@ def plan_stochastic_depth(
             call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
     if not adds and traced.root_error is not None:
         raise traced.root_error
-    block_keys = list(dict.fromkeys(_block_key(model, path, a) for path, a, _ in adds))
+    owners = {path for path, _, _ in adds}
+    block_keys = list(dict.fromkeys(_block_key(model, path, a, owners) for path, a, _ in adds))
     rates = drop_rates(schedule, p_max, len(block_keys))
     depth_of = {key: index for index, key in enumerate(block_keys)}
 
     sites = []
     for path, a, ordinal in adds:
-        depth = depth_of[_block_key(model, path, a)]
+        depth = depth_of[_block_key(model, path, a, owners)]
         sites.append(
             ResidualSite(
                 block_path=path,
@@ -160,9 +161,13 @@ def plan_stochastic_depth(
     )
 
 
-def _block_key(model: nn.Module, path: str, a: ResidualAdd) -> str:
-    # Additions in the model's own forward each count as a block of their own.
-    return repeated_layer(model, path) if path else f"::{a.add.name}"
+def _block_key(model: nn.Module, path: str, a: ResidualAdd, owners: set[str]) -> str:
+    # Additions in the model's own forward each count as a block of their own; a block inside a repeated
+    # layer that owns residuals of its own (a nested site) stays a block of its own.
+    if not path:
+        return f"::{a.add.name}"
+    layer = repeated_layer(model, path)
+    return path if layer != path and layer in owners else layer
 
 
 _CONTAINERS = (nn.ModuleList, nn.Sequential, nn.ModuleDict)
