@@ -11,6 +11,7 @@ families with native drop path, whether our placement equals timm's. Writes a Ma
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
 import math
@@ -440,9 +441,9 @@ def run_hf(model_type: str) -> Row:
     import torch
     import transformers
 
-    import sdsurgery
-    from sdsurgery import NoResidualSitesError, plan_stochastic_depth, verify
+    from sdsurgery import plan_stochastic_depth, verify
     from sdsurgery.hf import example_inputs
+    from sdsurgery.surgery import rewrite
 
     started = time.perf_counter()
     row = Row("hf", model_type, model_type)
@@ -474,13 +475,13 @@ def run_hf(model_type: str) -> Row:
         row.reason = "; ".join(f"{p or '<root>'}: {why}" for p, why in list(plan.untraced.items())[:3])
         if len(plan.untraced) > 3:
             row.reason += f"; and {len(plan.untraced) - 3} more"
-        t0 = time.perf_counter()
-        try:
-            result = sdsurgery.apply_stochastic_depth(plain, P_MAX, example_inputs=inputs, verify=False)
-        except NoResidualSitesError as error:
-            row.status, row.reason = "no-residual", _first_line(error)
+        if not plan.sites:
+            row.status, row.reason = "no-residual", row.reason or "no residual addition found"
             row.total_s = round(time.perf_counter() - started, 2)
             return row
+        t0 = time.perf_counter()
+        try:  # the plan made above, applied (the sweep shares a small machine: no second trace)
+            result = rewrite(copy.deepcopy(plain), plan, "row")
         except Exception as error:
             row.status, row.reason = "failed", f"surgery: {type(error).__name__}: {_first_line(error)}"
             row.total_s = round(time.perf_counter() - started, 2)
