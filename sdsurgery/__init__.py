@@ -8,7 +8,7 @@ from .checkpoint import CheckpointError, load
 from .errors import NoResidualSitesError, SurgeryError, TraceError, VerificationError
 from .models import ModelSpecError, WeightsError
 from .ops import StochasticDepth, stochastic_depth
-from .plan import ResidualSite, SurgeryPlan, find_residual_sites, plan_stochastic_depth
+from .plan import ResidualSite, ResidualSites, SurgeryPlan, find_residual_sites, plan_stochastic_depth
 from .rates import set_drop_rates, strip_stochastic_depth
 from .rewrite import RetrofittedBlock
 from .schedules import drop_rates, linear_rates
@@ -24,6 +24,7 @@ __all__ = [
     "ModelSpecError",
     "NoResidualSitesError",
     "ResidualSite",
+    "ResidualSites",
     "RetrofittedBlock",
     "SiteCheck",
     "SkippableBranch",

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from .checkpoint import FORMATS, SurgeryOptions, check_destination, checkpoint_for, read, save
-from .errors import NoResidualSitesError, SurgeryError, VerificationError
+from .errors import SurgeryError, VerificationError
 from .models import BuildOptions, ModelSpec, build_model, load_weights, parse_model_spec
 from .ops import MODES
-from .plan import SurgeryPlan, plan_stochastic_depth
+from .plan import SurgeryPlan, no_sites_error, plan_stochastic_depth
 from .schedules import SCHEDULES
 from .surgery import apply_stochastic_depth
 from .verify import VerificationReport, default_example_inputs, verify
@@ -307,12 +307,7 @@ def _schedule_arg(schedule: str | tuple[float, ...]) -> str | list[float]:
 def _plan(spec: ModelSpec, model: nn.Module, p_max: float, schedule: str | tuple[float, ...]) -> SurgeryPlan:
     plan = plan_stochastic_depth(model, p_max, schedule=_schedule_arg(schedule))
     if not plan.sites:
-        untraced = "; ".join(f"{path or '(model forward)'} ({why})" for path, why in plan.untraced.items())
-        raise NoResidualSitesError(
-            f"no residual addition found in {spec} ({type(model).__name__}): nothing to put stochastic depth on "
-            "(residual means y = x + F(x) with parameters in F; concatenations and plain sums do not count)"
-            + (f"; these modules did not trace and were not searched: {untraced}" if untraced else "")
-        )
+        raise no_sites_error(f"{spec} ({type(model).__name__})", plan)
     return plan
 
 

@@ -74,8 +74,6 @@ class TracedModel:
     order: dict[str, int] | None = None
     """When each module is first called, from one run of the model (``None`` until a part needs it)."""
     root_error: TraceError | None = None
-    root_call: ModuleCall | None = None
-    """The model's own call: the example inputs bound to its forward's parameters."""
 
     def parts(self) -> list[Part]:
         """The traced parts, in execution order."""
@@ -159,11 +157,12 @@ def trace_model(model: nn.Module, options: TraceOptions, example_inputs: Example
     """Trace ``model`` in steps 1-4 of the module docstring; never raises for code that does not trace."""
     if example_inputs is not None:
         fake_mode = new_fake_mode()
-        root_values = to_fake(fake_mode, example_inputs.bind(model))
+        arguments = example_inputs.bind(model)
+        root_values = to_fake(fake_mode, arguments)
         options = replace(options, examples=ShapeExamples(fake_mode, {"": root_values}))
     traced = TracedModel(model, options, example_inputs)
-    if example_inputs is not None:
-        traced.root_call = ModuleCall(example_inputs.bind(model))
+    if example_inputs is not None:  # the model is traced, and retrofitted, for the form of the example call
+        traced.calls[""] = ModuleCall(arguments, root_values)
     traced.root = _trace_part(traced, "")
     _capture_calls(traced)  # how the blocks are really called (see TracedModel.all_calls)
     return traced
@@ -214,12 +213,10 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     forward does not trace."""
     module = traced.model.get_submodule(path)
     options = traced.options.relative_to(path)
+    call = traced.calls.get(path)  # None and plain-value arguments are specialised on (see .callforms)
+    concrete_args = call.concrete_args() if call is not None else None
     untraced: dict[str, str] = {}
     timm_leaves: dict[type[nn.Module], str] = {}
-    call = traced.calls.get(path) if path else traced.root_call
-    # Plain arguments of the call (``mask=None``, ``use_cache=True``) are specialised on, with fx's guards,
-    # as the block will be when it is rewritten: code such as ``if mask is not None`` takes the call's path.
-    concrete_args = call.concrete_args() if call is not None else None
     while True:
         try:
             result = trace(module, options, path=path, concrete_args=concrete_args)

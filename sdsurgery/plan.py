@@ -7,12 +7,14 @@ The model is traced as well as it goes (:mod:`.parts`); the residual additions o
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 from torch import nn
 
+from .errors import NoResidualSitesError
 from .inputs import ExampleInputs, example_call
 from .ops import _check_rate
 from .parts import execution_order, trace_model
@@ -74,6 +76,44 @@ class SurgeryPlan:
         paths = dict.fromkeys(site.block_path for site in self.sites)
         depth = lambda p: self.call_depths.get(p, p.count(".") + 1 if p else 0)  # noqa: E731
         return sorted(paths, key=lambda p: (-depth(p), p))
+
+
+class ResidualSites(list):
+    """The residual sites of a model (a list of :class:`ResidualSite`), and ``untraced``: the modules kept as
+    they are because they did not trace, with the reason ('' is the model's own forward); their residual
+    additions, if any, are not among the sites."""
+
+    def __init__(self, sites: Iterable[ResidualSite] = (), untraced: dict[str, str] | None = None) -> None:
+        super().__init__(sites)
+        self.untraced = dict(untraced or {})
+
+
+def describe_untraced(untraced: dict[str, str]) -> str:
+    """``path (reason); ...`` for modules that did not trace."""
+    return "; ".join(f"{path or '<model forward>'} ({why})" for path, why in untraced.items())
+
+
+def warn_untraced(untraced: dict[str, str], stacklevel: int = 3) -> None:
+    """Warn, naming each module that did not trace and why (nothing when every module traced)."""
+    if untraced:
+        warnings.warn(
+            f"sdsurgery kept these modules as they are because they do not trace: {describe_untraced(untraced)}",
+            stacklevel=stacklevel,
+        )
+
+
+def no_sites_error(what: str, plan: SurgeryPlan) -> NoResidualSitesError:
+    """The error for a plan without sites: ``what`` names the model; modules that did not trace are named,
+    with why, since their residual additions (if any) could not be seen."""
+    untraced = (
+        f"; these modules did not trace, so their residual additions (if any) could not be found: "
+        f"{describe_untraced(plan.untraced)}. Make them traceable, or pass their classes in leaf_modules=[...] "
+        "to silence this" if plan.untraced else ""
+    )
+    return NoResidualSitesError(
+        f"no residual addition found in {what}: nothing to put stochastic depth on (residual means y = x + F(x) "
+        "with parameters in F; concatenations and plain sums do not count)" + untraced
+    )
 
 
 def _matches(path: str, module: nn.Module, filters: Sequence[ModuleFilter]) -> bool:
@@ -218,12 +258,16 @@ def find_residual_sites(
     leaf_modules: Iterable[type[nn.Module]] = (),
     autowrap_functions: Iterable[Callable[..., Any]] = (),
     example_inputs: ExampleInputs | None = None,
-) -> list[ResidualSite]:
+) -> ResidualSites:
     """The residual sites of ``model`` with their depth and planned rate, without changing anything.
 
-    Same arguments as :func:`apply_stochastic_depth`; see :func:`plan_stochastic_depth`.
+    Same arguments as :func:`apply_stochastic_depth`; see :func:`plan_stochastic_depth`. The result is a list
+    of :class:`ResidualSite` whose ``untraced`` attribute names the modules that did not trace (and why); a
+    warning names them too, as :func:`apply_stochastic_depth` does.
     """
-    return plan_stochastic_depth(
+    plan = plan_stochastic_depth(
         model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
-    ).sites
+    )
+    warn_untraced(plan.untraced)
+    return ResidualSites(plan.sites, plan.untraced)

@@ -4,25 +4,43 @@ The copy keeps the block's own submodules, parameters and buffers (same objects,
 so ``state_dict()`` keys do not change. fx bakes Python that reads ``self.training`` into a graph, so each
 block is traced in train and in eval mode; when the two graphs differ the block switches between them on
 ``.train()`` / ``.eval()`` (as torchvision's ``feature_extraction.DualGraphModule`` does).
+
+A trace is specialised on how the example called the block (:mod:`.callforms`): an argument that was
+``None`` or a plain Python value is baked in. In training, a call of another form (a mask given where the
+example had none, another flag) is routed to a trace made for that form on its first use, or, where no
+trace can be made, to the block's original code (with a warning: no stochastic depth there); never to a
+graph traced for another form. In eval mode, where stochastic depth is the identity, a block runs its own
+original code, so eval outputs are the original's by construction, whatever the call form, fused fast
+paths and nested tensors included; the graphs are what training runs and what :mod:`.verify` checks.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from .callforms import CallForm, call_key, concrete_arguments
 from .decorators import decorated_forward, rewrap
-from .errors import SurgeryError
+from .errors import SurgeryError, TraceError
+from .inputs import bind_arguments, model_mode
 from .ops import StochasticDepth
-from .residuals import add_operands, existing_stochastic_depth, is_stochastic_depth
-from .tracing import TraceOptions, owner_path, trace
+from .residuals import (
+    ResidualAdd,
+    add_operands,
+    classify_add,
+    existing_stochastic_depth,
+    input_dependent_nodes,
+    is_stochastic_depth,
+)
+from .tracing import ShapeExamples, TraceOptions, new_fake_mode, owner_path, to_fake, trace
 
 
 @dataclass(frozen=True)
@@ -40,7 +58,9 @@ class RetrofittedBlock(fx.GraphModule):
     """A block whose forward is its traced graph with stochastic depth inserted.
 
     ``train_graph`` runs in train mode, ``eval_graph`` in eval mode (the same graph when the block's code
-    does not depend on ``self.training``).
+    does not depend on ``self.training``). ``retrace`` (:class:`Retrace`), when given, is what the graphs
+    were traced for and from: a call of another :class:`~sdsurgery.callforms.CallForm` runs a trace made for
+    its own form, or the original block's code (see the module docstring).
     """
 
     def __init__(
@@ -50,6 +70,7 @@ class RetrofittedBlock(fx.GraphModule):
         eval_graph: fx.Graph | None = None,
         class_name: str | None = None,
         constants: dict[str, torch.Tensor] | None = None,
+        retrace: Retrace | None = None,
         block_class: type[nn.Module] | None = None,
     ) -> None:
         if block_class is None:
@@ -75,21 +96,15 @@ class RetrofittedBlock(fx.GraphModule):
         self.eval_graph = eval_graph
         self.training = block.training
         self.block_class = block_class
+        self.__dict__["_retrace"] = retrace  # not a submodule: its tree is this block's own
+        self.__dict__["_routes"] = {}
+        if retrace is not None:  # the original code sees the same parameters, buffers and children
+            retrace.block._modules, retrace.block._parameters = self._modules, self._parameters
+            retrace.block._buffers = self._buffers
         if eval_graph is not None and not self.training:
             self.graph = eval_graph
         elif decorated_forward(block_class) is not None:
             self.recompile()
-
-    def recompile(self) -> Any:
-        code = super().recompile()
-        decorated = decorated_forward(self.__dict__.get("block_class"))
-        if decorated is not None:
-            cls = type(self)
-            try:
-                cls.forward = rewrap(decorated, cls.forward)
-            except ValueError as error:
-                warnings.warn(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2)
-        return code
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -102,6 +117,72 @@ class RetrofittedBlock(fx.GraphModule):
                 raise
             return value
 
+    def recompile(self) -> Any:
+        code = super().recompile()
+        cls = type(self)  # fx gives every GraphModule a class of its own
+        graph_forward = cls.forward
+
+        def forward(self: RetrofittedBlock, *args: Any, **kwargs: Any) -> Any:
+            return self._route(graph_forward, args, kwargs)
+
+        forward.__signature__ = inspect.signature(graph_forward)  # type: ignore[attr-defined]
+        cls.forward = forward
+        decorated = decorated_forward(self.__dict__.get("block_class"))
+        if decorated is not None:  # the original forward's decorators run around the routing, once
+            try:
+                cls.forward = rewrap(decorated, forward)
+            except ValueError as error:
+                warnings.warn(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2)
+        return code
+
+    def _route(self, graph_forward: Any, args: tuple, kwargs: dict) -> Any:
+        retrace = self.__dict__.get("_retrace")
+        if retrace is not None and not self.training and not _traced_call(args, kwargs):
+            # Stochastic depth is the identity in eval: the block's own code computes the original's output
+            # exactly, fused fast paths and nested tensors included (torch's transformer layers take them).
+            retrace.block.training = False
+            return _undecorated_forward(retrace.block)(*args, **kwargs)
+        route = self._route_of(args, kwargs)
+        if route is _TRACED_FORM:
+            return graph_forward(self, *args, **kwargs)
+        if isinstance(route, _OriginalCode):
+            retrace = self.__dict__["_retrace"]
+            if self.training and route.reason:
+                warnings.warn(f"sdsurgery: {route.reason}; such calls run its original code, without stochastic "
+                              "depth in training", stacklevel=3)
+            retrace.block.training = self.training
+            return _undecorated_forward(retrace.block)(*args, **kwargs)
+        return route[self.training](*args, **kwargs)
+
+    def _route_of(self, args: tuple, kwargs: dict) -> Any:
+        retrace = self.__dict__.get("_retrace")
+        if retrace is None:
+            return _TRACED_FORM
+        key = call_key(args, kwargs)
+        routes = self.__dict__["_routes"]
+        route = routes.get(key) if key is not None else None
+        if route is None:
+            route = retrace.route(self, args, kwargs)
+            if key is not None:
+                routes[key] = route
+        return route
+
+    def traced_for(self, args: tuple, kwargs: dict, *, training: bool) -> tuple[fx.GraphModule, fx.Graph] | None:
+        """The module and graph that run a call with these arguments in the given mode (this block and one of
+        its mode graphs, or a trace made for the call's form); ``None`` when such calls run the original code."""
+        route = self._route_of(args, kwargs)
+        if route is _TRACED_FORM:
+            return self, self.mode_graphs[0 if training else 1]
+        if isinstance(route, _OriginalCode):
+            return None
+        return route[training], route[training].graph
+
+    @property
+    def call_form(self) -> CallForm | None:
+        """The form of call the graphs were traced for (``None``: unguarded, a block built by hand)."""
+        retrace = self.__dict__.get("_retrace")
+        return retrace.form if retrace is not None else None
+
     @property
     def mode_graphs(self) -> tuple[fx.Graph, fx.Graph]:
         """The (train, eval) graphs."""
@@ -113,7 +194,9 @@ class RetrofittedBlock(fx.GraphModule):
         return super().train(mode)
 
     def _apply(self, fn, recurse=True):
-        # Tensor constants fx lifted out of the traced code must follow .to(device) / .half() like buffers.
+        # Tensor constants fx lifted out of the traced code must follow .to(device) / .half() like buffers;
+        # traces made for other call forms hold their own, so they are made again.
+        self.__dict__["_routes"] = {}
         super()._apply(fn, recurse)
         for name, value in self.constants.items():
             self.constants[name] = fn(value)
@@ -125,7 +208,8 @@ class RetrofittedBlock(fx.GraphModule):
             state = root.__dict__
             graphs = (state["train_graph"], state["eval_graph"])
             RetrofittedBlock.__init__(
-                copy, root, *graphs, state["block_class_name"], state["constants"], state["block_class"]
+                copy, root, *graphs, state["block_class_name"], state["constants"], state.get("_retrace"),
+                state["block_class"],
             )
 
         return init
@@ -138,7 +222,8 @@ class RetrofittedBlock(fx.GraphModule):
         with _attributes(shell, self.constants):
             train = fx.GraphModule(shell, self.train_graph)
             evaluate = fx.GraphModule(shell, self.eval_graph) if self.eval_graph is not None else None
-        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, self.block_class)
+        retrace = self.__dict__.get("_retrace")
+        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, retrace, self.block_class)
         return (_restore_block, state)
 
 
@@ -149,10 +234,104 @@ def _restore_block(
     class_name: str,
     constants: dict[str, torch.Tensor],
     training: bool,
+    retrace: Retrace | None = None,
     block_class: type[nn.Module] | None = None,
 ) -> RetrofittedBlock:
     graphs = (train.graph, evaluate.graph if evaluate is not None else None)
-    return RetrofittedBlock(shell, *graphs, class_name, constants, block_class).train(training)
+    return RetrofittedBlock(shell, *graphs, class_name, constants, retrace, block_class).train(training)
+
+
+_TRACED_FORM = "traced form"
+
+
+def _undecorated_forward(block: nn.Module) -> Any:
+    """``block.forward`` without its decorators: the retrofitted block's forward ran them already."""
+    return inspect.unwrap(type(block).forward).__get__(block)
+
+
+def _traced_call(args: tuple, kwargs: dict) -> bool:
+    """Whether the block is being called by a trace (another pass of fx over the retrofitted model)."""
+    return any(isinstance(v, fx.Proxy) for v in (*args, *kwargs.values()))
+
+
+@dataclass(frozen=True)
+class _OriginalCode:
+    """A route to the block's original code; ``reason`` says why when stochastic depth is lost in training."""
+
+    reason: str = ""
+
+
+@dataclass
+class Retrace:
+    """How to serve a call of a form the block's graphs were not traced for: the original ``block`` (its
+    code; its tree is the retrofitted block's), the ``form`` the graphs assume, and what it takes to trace
+    it again with stochastic depth at the same places: for each stochastic-depth module (``targets``), the
+    index of its addition among the block's own residual additions (``residuals``), and the trace
+    ``options`` (without example values, which come from the call)."""
+
+    block: nn.Module
+    form: CallForm
+    residuals: tuple[int, ...]
+    targets: tuple[str, ...]
+    options: TraceOptions
+    path: str = ""
+
+    def route(self, retrofitted: RetrofittedBlock, args: tuple, kwargs: dict) -> Any:
+        """Where a call goes: the traced form, a ``{training: GraphModule}`` traced for the call's form, or
+        the original code (when the call cannot be traced for; it says why)."""
+        arguments = bind_arguments(self.block, args, kwargs)
+        if not arguments and (args or kwargs):
+            return _OriginalCode()  # does not bind: the original code raises what it raises
+        if self.form.matches(arguments):
+            return _TRACED_FORM
+        name = self.path or type(self.block).__name__
+        differences = ", ".join(self.form.differences(arguments))
+        if _traced_call(args, kwargs):
+            return _OriginalCode()  # traced into by another trace: its code is what must be recorded
+        concrete = concrete_arguments(arguments)
+        try:
+            if concrete is None:
+                raise SurgeryError("an argument is an object a trace can only bake in")
+            return self._trace_form(retrofitted, arguments, concrete)
+        except Exception as error:  # noqa: BLE001 - whatever stops a trace for this call (a nested tensor)
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            return _OriginalCode(
+                f"block '{name}' is called with {differences}, not as it was traced, and cannot be traced for "
+                f"that call ({reason})"
+            )
+
+    def _trace_form(self, retrofitted: RetrofittedBlock, arguments: dict, concrete: dict) -> dict[bool, fx.GraphModule]:
+        fake_mode = new_fake_mode()
+        examples = ShapeExamples(fake_mode, {"": to_fake(fake_mode, arguments)})
+        options = replace(self.options, examples=examples)
+        leaves = [m for m in retrofitted.modules() if isinstance(m, RetrofittedBlock) and m is not retrofitted]
+        graphs: dict[bool, fx.GraphModule] = {}
+        with model_mode(self.block, True):
+            for training in (True, False):
+                self.block.train(training)
+                try:
+                    traced = trace(self.block, options, path=self.path, extra_leaves=leaves, concrete_args=concrete)
+                except TraceError:
+                    options = replace(options, concrete_shapes=True)
+                    traced = trace(self.block, options, path=self.path, extra_leaves=leaves, concrete_args=concrete)
+                found = own_residuals(traced.graph, self.block)
+                if -1 in self.residuals or len(found) <= max(self.residuals, default=-1):
+                    raise SurgeryError("its trace for that call has fewer residual additions")
+                adds = own_adds(traced.graph)
+                for index, target in zip(self.residuals, self.targets, strict=True):
+                    site = found[index]
+                    edit = BlockEdit(adds.index(site.add), add_operands(site.add).index(site.branch), 0.0, 0)
+                    _insert(traced.graph, self.block, edit, target)
+                traced.graph.lint()
+                shell = nn.Module()
+                shell._modules, shell._parameters, shell._buffers = (
+                    retrofitted._modules, retrofitted._parameters, retrofitted._buffers
+                )
+                with _attributes(shell, traced.constants):
+                    graphs[training] = fx.GraphModule(shell, traced.graph, class_name=retrofitted.block_class_name)
+        for training, module in graphs.items():
+            module.training = training
+        return graphs
 
 
 _MISSING = object()
@@ -188,6 +367,13 @@ def _attributes(module: nn.Module, values: dict[str, object]) -> Iterator[None]:
 def own_adds(graph: fx.Graph) -> list[fx.Node]:
     """The additions written in the traced module's own forward (not in traced-through children), in order."""
     return [n for n in graph.nodes if add_operands(n) is not None and owner_path(n) == ""]
+
+
+def own_residuals(graph: fx.Graph, block: nn.Module) -> list[ResidualAdd]:
+    """The residual additions written in the block's own forward, in order (inputs of the block that are
+    not computed from one another count as unrelated, so a mask added to attention scores is no residual)."""
+    dependent = input_dependent_nodes(graph)
+    return [site for node in own_adds(graph) if (site := classify_add(node, block, dependent)) is not None]
 
 
 def _insert(graph: fx.Graph, block: nn.Module, edit: BlockEdit, new_name: str) -> str:
@@ -248,6 +434,7 @@ def retrofit_block(
     if len(own_adds(train_graph)) != len(own_adds(eval_graph)):
         raise SurgeryError(f"block '{path}' adds differently in train and eval mode; exclude it with exclude=[...]")
     dual = train_graph.python_code("self").src != eval_graph.python_code("self").src
+    residuals, adds = own_residuals(train_graph, block), own_adds(train_graph)
 
     free_names = iter(_free_names(block, len(edits)))
     new_name = next(free_names)
@@ -267,7 +454,27 @@ def retrofit_block(
         module = StochasticDepth(edit.drop_rate, mode, edit.depth).train(block.training)
         block.get_submodule(parent).add_module(name, module)
     constants = {**traces[0].constants, **(traces[1].constants if dual else {})}
-    return RetrofittedBlock(block, train_graph, eval_graph if dual else None, constants=constants)
+    retrace = _retrace(block, edits, targets, residuals, adds, options, path, concrete_args)
+    return RetrofittedBlock(block, train_graph, eval_graph if dual else None, constants=constants, retrace=retrace)
+
+
+def _retrace(
+    block: nn.Module,
+    edits: Sequence[BlockEdit],
+    targets: Sequence[str],
+    residuals: list[ResidualAdd],
+    adds: list[fx.Node],
+    options: TraceOptions,
+    path: str,
+    concrete_args: dict[str, Any] | None,
+) -> Retrace | None:
+    """What the block needs to serve calls of other forms (an edit whose addition is no residual of the
+    block's own, by :func:`own_residuals`, is marked -1: then calls of other forms run the original code)."""
+    form = CallForm.of_trace(inspect.signature(block.forward), concrete_args)
+    by_add = {site.add: index for index, site in enumerate(residuals)}
+    indices = tuple(by_add.get(adds[edit.ordinal], -1) for edit in edits)
+    options = replace(options, examples=None, concrete_shapes=False)
+    return Retrace(block, form, indices, tuple(targets), options, path)
 
 
 def stochastic_depth_calls(graph: fx.Graph, root: nn.Module) -> list[fx.Node]:

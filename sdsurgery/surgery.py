@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from torch import nn
 
-from .errors import NoResidualSitesError
 from .inputs import ExampleInputs, eval_outputs, example_call
 from .ops import _check_mode
-from .plan import ModuleFilter, SurgeryPlan, plan_stochastic_depth
+from .plan import ModuleFilter, SurgeryPlan, no_sites_error, plan_stochastic_depth, warn_untraced
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
 from .skipping import SKIPPING_MODES, skip_dropped_branches
@@ -58,16 +56,8 @@ def apply_stochastic_depth(
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
     )
     if not plan.sites:
-        raise NoResidualSitesError(
-            f"no residual addition found in {type(model).__name__}: nothing to put stochastic depth on "
-            "(residual means y = x + F(x) with parameters in F; concatenations and plain sums do not count)"
-        )
-    if plan.untraced:
-        warnings.warn(
-            "sdsurgery kept these modules as they are because they do not trace: "
-            + "; ".join(f"{path or '<model forward>'} ({why})" for path, why in plan.untraced.items()),
-            stacklevel=2,
-        )
+        raise no_sites_error(type(model).__name__, plan)
+    warn_untraced(plan.untraced)
     call = example_call(model, example_inputs) if verify else None
     reference = eval_outputs(model, call) if call is not None else None
 

@@ -44,6 +44,24 @@ def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
     return tuple(fn for fn in get_notrace_functions() if callable(fn))
 
 
+def torch_autowrap_functions() -> tuple[Callable[..., Any], ...]:
+    """torch.nn's mask helpers, recorded as single calls: they check their arguments' types and values in
+    Python (``_none_or_dtype`` raises on anything but a tensor, ``_detect_is_causal_mask`` compares a mask's
+    values), and they take masks, not modules, so no residual branch can hide in them."""
+    from torch.nn import functional
+    from torch.nn.modules import transformer
+
+    names = ((functional, "_canonical_mask"), (functional, "_none_or_dtype"), (transformer, "_detect_is_causal_mask"))
+    return tuple(getattr(module, name) for module, name in names if callable(getattr(module, name, None)))
+
+
+COMPOSITE_TORCH_MODULES: tuple[type[nn.Module], ...] = (
+    nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+)
+"""torch.nn modules that fx keeps whole (as it keeps every torch.nn module) although their forward calls other
+modules and holds residual additions: they are traced into."""
+
+
 def timm_leaf_modules() -> tuple[type[nn.Module], ...]:
     """The module classes timm registers as not traceable (empty without timm). Some are whole residual
     blocks, so they are used only for a module that does not trace otherwise."""
@@ -215,7 +233,8 @@ class SurgeryTracer(fx.Tracer):
         example_values: Mapping[str, Any] | None = None,
     ) -> None:
         autowrap = tuple(dict.fromkeys(
-            (*STOCHASTIC_DEPTH_FUNCTIONS, *timm_autowrap_functions(), *options.autowrap_functions)
+            (*STOCHASTIC_DEPTH_FUNCTIONS, *torch_autowrap_functions(), *timm_autowrap_functions(),
+             *options.autowrap_functions)
         ))
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=True)
         self.options = options
@@ -263,6 +282,8 @@ class SurgeryTracer(fx.Tracer):
             return True
         if isinstance(m, STOCHASTIC_DEPTH_MODULES) or isinstance(m, self.options.leaf_modules):
             return True
+        if isinstance(m, COMPOSITE_TORCH_MODULES):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:

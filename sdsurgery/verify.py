@@ -225,8 +225,9 @@ def _retrofitted_run(what: str, run: Any) -> Any:
         ) from error
 
 
-def _train_outputs(model: nn.Module, call: ExampleCall, seed: int) -> Any:
-    model = copy.deepcopy(model)  # train mode updates batch-norm statistics
+def _train_outputs(model: nn.Module, call: ExampleCall, seed: int, *, copied: bool = False) -> Any:
+    """Train-mode outputs with every drop rate at 0, on a copy (train mode updates batch-norm statistics)."""
+    model = model if copied else copy.deepcopy(model)
     for module in model.modules():
         if isinstance(module, STOCHASTIC_DEPTH_MODULES):
             set_drop_rate_of(module, 0.0)
@@ -307,10 +308,8 @@ def _mutable(value: Any) -> Any:
     return value
 
 
-def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
-    from .rewrite import RetrofittedBlock
-
-    blocks = {path: m for path, m in retrofitted.named_modules() if isinstance(m, RetrofittedBlock)}
+def _block_calls(model: nn.Module, blocks: dict[str, nn.Module], run: Any) -> dict[str, tuple[tuple, dict]]:
+    """The arguments of each block's first call during ``run()``."""
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = [
         block.register_forward_pre_hook(
@@ -321,17 +320,39 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         for path, block in blocks.items()
     ]
     try:
-        eval_outputs(retrofitted, inputs)
+        run()
     finally:
         for handle in handles:
             handle.remove()
+    return calls
+
+
+def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
+    from .rewrite import RetrofittedBlock
+
+    # Each block's arguments are taken from a train-mode run at rate 0, the mode its graphs serve (in eval a
+    # model may call its blocks another way: torch's encoder passes nested tensors); from an eval run when
+    # the model does not run in train mode on these inputs.
+    try:
+        probed = copy.deepcopy(retrofitted)
+        blocks = {path: m for path, m in probed.named_modules() if isinstance(m, RetrofittedBlock)}
+        calls = _block_calls(probed, blocks, lambda: _train_outputs(probed, inputs, 0, copied=True))
+    except Exception:  # noqa: BLE001 - any reason the train-mode call fails: use the eval call
+        blocks = {path: m for path, m in retrofitted.named_modules() if isinstance(m, RetrofittedBlock)}
+        calls = _block_calls(retrofitted, blocks, lambda: eval_outputs(retrofitted, inputs))
 
     checks = []
     for path, block in blocks.items():
         if path not in calls:
             continue
-        graph = block.mode_graphs[1]
-        signature = inspect.signature(block.forward)
+        traced = block.traced_for(*calls[path], training=False)
+        if traced is None:
+            raise VerificationError(
+                f"block '{path}' runs its original code for the way these inputs call it, so its sites cannot be "
+                "checked: verify with inputs of the form the model was retrofitted for"
+            )
+        module, graph = traced
+        signature = inspect.signature(module.forward)
         bound = signature.bind(*calls[path][0], **calls[path][1])
         bound.apply_defaults()
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
@@ -344,20 +365,20 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
 
         dependent = input_dependent_nodes(graph)
         sites = {
-            node: _site_add(node, block, dependent, related_inputs=bool(path))
+            node: _site_add(node, module, dependent, related_inputs=bool(path))
             for node in graph.find_nodes(op="call_module")
-            if isinstance(block.get_submodule(node.target), StochasticDepth)
+            if isinstance(module.get_submodule(node.target), StochasticDepth)
         }
         watched = {n for site in sites.values() if site is not None for n in (site.add, site.skip)}
         with torch.no_grad(), model_mode(block, False):
-            kept = _SiteProbe(block, graph, None, watched)
+            kept = _SiteProbe(module, graph, None, watched)
             run(kept)
             for node, site in sites.items():
                 name = f"{path}.{node.target}" if path else node.target
                 if site is None:  # not followed by a residual addition: after the add, or off any residual
                     checks.append(SiteCheck(name, "", False, False, False))
                     continue
-                dropped = _SiteProbe(block, graph, node, watched)
+                dropped = _SiteProbe(module, graph, node, watched)
                 run(dropped)
                 checks.append(
                     SiteCheck(
