@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Hashable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -82,17 +82,31 @@ class CallForm:
     """The form of each named parameter of a block's forward that its graphs were traced for."""
 
     forms: tuple[tuple[str, Hashable], ...]
+    positional: tuple[str, ...] = field(default=(), compare=False)
+    """The parameters that take positional arguments, in order."""
+    defaults: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     @classmethod
     def of_trace(cls, signature: inspect.Signature, concrete_args: Mapping[str, Any] | None) -> CallForm:
         """The form a trace with ``concrete_args`` assumes: those arguments' forms, :data:`TRACED` for the rest."""
         concrete = concrete_args or {}
-        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-        return cls(tuple(
-            (name, form_of(concrete[name]) if name in concrete else TRACED)
-            for name, parameter in signature.parameters.items()
-            if parameter.kind not in variadic
-        ))
+        kinds = inspect.Parameter
+        named = {n: p for n, p in signature.parameters.items() if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+        return cls(
+            tuple((name, form_of(concrete[name]) if name in concrete else TRACED) for name in named),
+            tuple(n for n, p in named.items() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)),
+            {n: p.default for n, p in named.items() if p.default is not inspect.Parameter.empty},
+        )
+
+    def matches_call(self, args: tuple, kwargs: Mapping[str, Any]) -> bool:
+        """Whether a call takes the traced paths, decided from its arguments as given (plain Python that
+        torch.compile follows without breaking the graph); ``False`` when that cannot be told so simply."""
+        if len(args) > len(self.positional):
+            return False
+        arguments = dict(self.defaults)
+        arguments.update(zip(self.positional, args))
+        arguments.update(kwargs)
+        return len(arguments) == len(self.forms) and self.matches(arguments)
 
     def matches(self, arguments: Mapping[str, Any]) -> bool:
         """Whether a call with these arguments (bound by name, defaults applied) takes the traced paths."""

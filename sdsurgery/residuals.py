@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from .ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
+from .ops import is_stochastic_depth_op
 from .tracing import owner_path
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -139,8 +139,8 @@ def _has_input(nodes: set[fx.Node]) -> bool:
 def is_stochastic_depth(node: fx.Node, root: nn.Module) -> bool:
     """Whether ``node`` calls a recognised stochastic-depth module or function."""
     if node.op == "call_module":
-        return isinstance(root.get_submodule(node.target), STOCHASTIC_DEPTH_MODULES)
-    return node.op == "call_function" and node.target in STOCHASTIC_DEPTH_FUNCTIONS
+        return is_stochastic_depth_op(root.get_submodule(node.target))
+    return node.op == "call_function" and is_stochastic_depth_op(node.target)
 
 
 def branch_nodes(branch: fx.Node, skip: fx.Node) -> set[fx.Node]:

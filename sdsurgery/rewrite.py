@@ -158,6 +158,8 @@ class RetrofittedBlock(fx.GraphModule):
         retrace = self.__dict__.get("_retrace")
         if retrace is None:
             return _TRACED_FORM
+        if retrace.form.matches_call(args, kwargs):  # the common case, without a lookup torch.compile would guard
+            return _TRACED_FORM
         key = call_key(args, kwargs)
         routes = self.__dict__["_routes"]
         route = routes.get(key) if key is not None else None

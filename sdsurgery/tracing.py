@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .inputs import bind_arguments
-from .ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
+from .ops import STOCHASTIC_DEPTH_FUNCTIONS, is_stochastic_depth_op, stochastic_depth_functions_in
 
 
 def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
@@ -231,10 +231,11 @@ class SurgeryTracer(fx.Tracer):
         options: TraceOptions = TraceOptions(),
         extra_leaves: Iterable[nn.Module] = (),
         example_values: Mapping[str, Any] | None = None,
+        stochastic_depth_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
         autowrap = tuple(dict.fromkeys(
-            (*STOCHASTIC_DEPTH_FUNCTIONS, *torch_autowrap_functions(), *timm_autowrap_functions(),
-             *options.autowrap_functions)
+            (*STOCHASTIC_DEPTH_FUNCTIONS, *stochastic_depth_functions, *torch_autowrap_functions(),
+             *timm_autowrap_functions(), *options.autowrap_functions)
         ))
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=True)
         self.options = options
@@ -280,7 +281,7 @@ class SurgeryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.extra_leaves or module_qualified_name in self.options.leaf_paths:
             return True
-        if isinstance(m, STOCHASTIC_DEPTH_MODULES) or isinstance(m, self.options.leaf_modules):
+        if is_stochastic_depth_op(m) or isinstance(m, self.options.leaf_modules):
             return True
         if isinstance(m, COMPOSITE_TORCH_MODULES):
             return False
@@ -470,7 +471,9 @@ def trace(
     descendants are left exactly as they were (attributes, buffers), whatever the traced code wrote.
     """
     examples = options.examples.at("") if options.examples is not None else None
-    tracer = SurgeryTracer(options, extra_leaves, examples)
+    # Stochastic-depth functions the module's code calls (a third-party drop_connect) stay single calls, so
+    # the pass sees them on the branch and re-rates them instead of tracing their random ops.
+    tracer = SurgeryTracer(options, extra_leaves, examples, stochastic_depth_functions_in(module))
     attributes_before = dict(vars(module))
     try:
         with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):

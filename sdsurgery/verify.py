@@ -21,7 +21,7 @@ from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import VerificationError
 from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode
-from .ops import STOCHASTIC_DEPTH_MODULES, StochasticDepth, set_drop_rate_of
+from .ops import StochasticDepth, is_stochastic_depth_op, set_drop_rate_of, stochastic_depth_functions_off
 from .residuals import ResidualAdd, add_operands, classify_add, input_dependent_nodes
 
 
@@ -229,9 +229,9 @@ def _train_outputs(model: nn.Module, call: ExampleCall, seed: int, *, copied: bo
     """Train-mode outputs with every drop rate at 0, on a copy (train mode updates batch-norm statistics)."""
     model = model if copied else copy.deepcopy(model)
     for module in model.modules():
-        if isinstance(module, STOCHASTIC_DEPTH_MODULES):
+        if is_stochastic_depth_op(module):
             set_drop_rate_of(module, 0.0)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), stochastic_depth_functions_off(model):
         torch.manual_seed(seed)
         return call(model.train())
 
