@@ -281,11 +281,19 @@ class SurgeryTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.extra_leaves or module_qualified_name in self.options.leaf_paths:
             return True
-        if is_stochastic_depth_op(m) or isinstance(m, self.options.leaf_modules):
+        if self._is_stochastic_depth(m) or isinstance(m, self.options.leaf_modules):
             return True
         if isinstance(m, COMPOSITE_TORCH_MODULES):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def _is_stochastic_depth(self, m: nn.Module) -> bool:
+        # Recognising a module may run it on a probe input: as its own code, not as part of the trace.
+        computing, self.computing = self.computing, True
+        try:
+            return is_stochastic_depth_op(m)
+        finally:
+            self.computing = computing
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.computing:  # running a module on example values: its own code, not a trace
