@@ -18,7 +18,9 @@ Markdown report and a CSV.
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
+import hashlib
 import json
 import math
 import os
@@ -157,6 +159,10 @@ KNOWN_CAUSES = {
 }
 
 
+# Why a Hugging Face model type misses the target, found by reading its code (filled from the sweep).
+HF_KNOWN_CAUSES: dict[str, str] = {}
+
+
 @dataclass
 class Row:
     """One model's result; every field is a CSV column."""
@@ -213,6 +219,62 @@ def all_jobs() -> list[tuple[str, str, str]]:
         + [("timm", family, n) for family, n in timm_models()]
         + [("dense", dense_family(n), n) for n in DENSE_MODELS]
     )
+
+
+# Hugging Face: every model type with a base model class, from its default config shrunk to a tiny size.
+HF_TINY = {
+    # widths: small, and divisible by the head counts below
+    "hidden_size": 32, "d_model": 32, "n_embd": 32, "word_embed_proj_dim": 32,
+    "intermediate_size": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "d_ff": 64,
+    "n_inner": 64, "mlp_dim": 64,
+    # depths
+    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2,
+    "decoder_layers": 2, "num_decoder_layers": 2, "num_encoder_layers": 2,
+    # heads
+    "num_attention_heads": 2, "n_head": 2, "n_heads": 2, "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2, "num_key_value_heads": 2, "num_heads": 2, "head_dim": 16, "d_kv": 16,
+}
+HF_MAX_VOCAB = 1000
+HF_CHUNK = 10  # model types per worker process (one import of transformers for many small models)
+HF_MAX_IMAGE = 64
+
+
+def hf_model_types() -> list[str]:
+    """Every transformers model type with a base model class (``AutoModel``), sorted."""
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    return sorted(MODEL_MAPPING_NAMES)
+
+
+def tiny_config(config):
+    """``config`` (and its sub-configs) shrunk: 2 layers, width 32, 2 heads, at most 1000 tokens in the
+    vocabulary, images at most 64 px, one block per stage where depths are a list. Returns ``config``."""
+    for key, value in list(vars(config).items()):
+        if hasattr(value, "to_dict") and hasattr(value, "model_type"):  # a sub-config
+            tiny_config(value)
+        elif key in HF_TINY and isinstance(value, int) and not isinstance(value, bool):
+            setattr(config, key, min(value, HF_TINY[key]))
+        elif key == "vocab_size" and isinstance(value, int) and value > HF_MAX_VOCAB:
+            config.vocab_size = HF_MAX_VOCAB
+            for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
+                          "decoder_start_token_id", "unk_token_id", "mask_token_id"):
+                if isinstance(getattr(config, token, None), int) and getattr(config, token) >= HF_MAX_VOCAB:
+                    setattr(config, token, 1)
+        elif key == "image_size" and isinstance(value, int) and value > HF_MAX_IMAGE and not hasattr(config, "window_size"):
+            patch = getattr(config, "patch_size", 1)
+            if isinstance(patch, int) and HF_MAX_IMAGE % patch == 0:
+                config.image_size = HF_MAX_IMAGE
+        elif key in ("depths", "num_layers_per_stage", "layers_per_stage") and isinstance(value, (list, tuple)):
+            setattr(config, key, [1] * len(value))
+        elif key == "hidden_sizes" and isinstance(value, (list, tuple)):
+            config.hidden_sizes = [min(v, 16 * 2**i) for i, v in enumerate(value)]
+    heads = getattr(config, "num_heads", None)
+    if isinstance(heads, (list, tuple)) and isinstance(getattr(config, "embed_dim", None), int):  # Swin-style stages
+        config.num_heads = [2**i for i in range(len(heads))]
+        config.embed_dim = min(config.embed_dim, 16)
+    if getattr(config, "num_key_value_heads", None) and getattr(config, "num_attention_heads", None):
+        config.num_key_value_heads = min(config.num_key_value_heads, config.num_attention_heads)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -312,7 +374,6 @@ def _native_rule(rates: list[float], p: float) -> str:
 def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[str, str, str]:
     """(native rule, placement verdict, rates verdict) against ``timm.create_model(name, drop_path_rate=P)``."""
     import timm
-    import torch
     from timm.layers import DropPath
 
     from sdsurgery import StochasticDepth, apply_stochastic_depth, plan_stochastic_depth
@@ -561,6 +622,129 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
     return row
 
 
+def run_hf(model_type: str) -> Row:
+    """Build the base model of ``model_type`` from its tiny default config, plan, retrofit and verify it on
+    example inputs made from the config (:func:`sdsurgery.hf.example_inputs`)."""
+    import warnings
+
+    import torch
+    import transformers
+
+    from sdsurgery import plan_stochastic_depth, verify
+    from sdsurgery.hf import example_inputs
+    from sdsurgery.surgery import rewrite
+
+    started = time.perf_counter()
+    row = Row("hf", model_type, model_type)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        try:
+            torch.manual_seed(0)
+            config = tiny_config(transformers.AutoConfig.for_model(model_type))
+            plain = transformers.AutoModel.from_config(config).eval()
+            row.model = type(plain).__name__
+            row.params_m = round(sum(p.numel() for p in plain.parameters()) / 1e6, 3)
+            inputs = example_inputs(plain, batch_size=BATCH)
+            with torch.no_grad():
+                plain(**inputs)
+        except Exception as error:
+            row.status, row.reason = "build-failed", f"{type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        try:
+            plan = plan_stochastic_depth(plain, P_MAX, example_inputs=inputs)
+        except Exception as error:
+            row.status, row.reason = "failed", f"{type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        row.sites, row.blocks, row.untraced = len(plan.sites), plan.num_blocks, len(plan.untraced)
+        row.specialised = len(plan.specialised)
+        row.status = "partial" if plan.untraced else "whole"
+        row.reason = "; ".join(f"{p or '<root>'}: {why}" for p, why in list(plan.untraced.items())[:3])
+        if len(plan.untraced) > 3:
+            row.reason += f"; and {len(plan.untraced) - 3} more"
+        if not plan.sites:
+            row.status, row.reason = "no-residual", row.reason or "no residual addition found"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        t0 = time.perf_counter()
+        try:  # the plan made above, applied (the sweep shares a small machine: no second trace)
+            result = rewrite(copy.deepcopy(plain), plan, "row")
+        except Exception as error:
+            row.status, row.reason = "failed", f"surgery: {type(error).__name__}: {_first_line(error)}"
+            row.total_s = round(time.perf_counter() - started, 2)
+            return row
+        row.surgery_s = round(time.perf_counter() - t0, 2)
+        try:
+            report = verify(plain, result, inputs)
+            row.verified = "ok" if report.ok else report.summary()
+            row.eval_max_abs_diff = report.eval_max_abs_diff
+        except Exception as error:
+            row.verified = f"FAILED: {type(error).__name__}: {_first_line(error)}"
+    row.total_s = round(time.perf_counter() - started, 2)
+    return row
+
+
+def _hf_worker(model_types: list[str], limit: float) -> None:
+    """Run each model type in turn, printing its row. One that uses more than ``limit`` seconds of CPU time
+    (not wall time: the sweep shares its machine) is stopped by an alarm, and the worker stops after it: the
+    alarm may have broken a half-done import, so the driver goes on in a fresh worker."""
+    import signal
+
+    import torch._dynamo  # noqa: F401  (imported before any alarm can interrupt it)
+    import transformers  # noqa: F401
+
+    def alarm(signum, frame):
+        raise TimeoutError(f"over the {limit:.0f} s CPU-time limit")
+
+    signal.signal(signal.SIGPROF, alarm)
+    for model_type in model_types:
+        signal.setitimer(signal.ITIMER_PROF, limit)
+        timed_out = False
+        try:
+            row = run_hf(model_type)
+        except TimeoutError as error:
+            row = Row("hf", model_type, model_type, status="timeout", reason=str(error), total_s=limit)
+            timed_out = True
+        except Exception as error:
+            row = Row("hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
+        finally:
+            signal.setitimer(signal.ITIMER_PROF, 0)
+        print("ROW " + json.dumps(asdict(row)), flush=True)
+        if timed_out:
+            return
+
+
+def _run_hf_chunk(model_types: list[str], limit: float) -> list[Row]:
+    """Rows of ``model_types``, run in as few worker processes as it takes: when a worker stops (after a
+    timeout, or because it died), the types it did not report go on in a fresh one; a type a worker died on
+    is reported as crashed."""
+    rows: dict[str, Row] = {}
+    remaining = list(model_types)
+    while remaining:
+        command = [sys.executable, os.path.abspath(__file__), "--hf-worker", str(limit), *remaining]
+        stderr = ""
+        try:
+            # a wall-time backstop for a worker stuck outside Python (the limit itself is CPU time)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=4 * limit * len(remaining) + 600)
+            stdout, stderr = done.stdout, done.stderr
+        except subprocess.TimeoutExpired as expired:
+            stdout = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
+        reported = [Row(**json.loads(line[4:])) for line in stdout.splitlines() if line.startswith("ROW ")]
+        rows.update((row.family, row) for row in reported)
+        remaining = [t for t in remaining if t not in rows]
+        if remaining and not reported:  # it died on the first one
+            tail = (stderr.strip().splitlines() or ["the worker died"])[-1]
+            rows[remaining[0]] = Row("hf", remaining[0], remaining[0], status="crashed", reason=tail[:300])
+            remaining = remaining[1:]
+        elif remaining and reported[-1].status != "timeout":  # it died after the last one it reported
+            tail = (stderr.strip().splitlines() or ["the worker died"])[-1]
+            rows[remaining[0]] = Row("hf", remaining[0], remaining[0], status="crashed", reason=tail[:300])
+            remaining = remaining[1:]
+    return [rows[t] for t in model_types]
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     return (text.splitlines()[0] if text else type(error).__name__)[:300]
@@ -655,6 +839,55 @@ def _torchvision_family(name: str) -> str:
     return name.split("_")[0].rstrip("0123456789") if not name.startswith("efficientnet_v2") else "efficientnet_v2"
 
 
+def _hf_builds(row: Row) -> bool:
+    return row.status != "build-failed"
+
+
+def summarise_hf(rows: list[Row]) -> dict[str, str]:
+    """The headline numbers of the Hugging Face sweep (issue 8's target: 90%)."""
+    built = [r for r in rows if _hf_builds(r)]
+    residual = [r for r in built if r.status != "no-residual"]
+    ok = [r for r in residual if r.status in ("whole", "partial") and r.verified == "ok"]
+    pct = lambda a, b: f"{len(a)}/{len(b)} = {100 * len(a) / max(len(b), 1):.1f}%"  # noqa: E731
+    return {
+        "model types with a base model class": str(len(rows)),
+        "... that build and run from a tiny config": str(len(built)),
+        "... with residual additions, retrofitted (whole or partial) and verified (target 90%)": pct(ok, residual),
+        "... without a residual addition found (clear NoResidualSitesError)": str(
+            sum(r.status == "no-residual" for r in built)
+        ),
+    }
+
+
+def _hf_miss(row: Row) -> str:
+    if row.status in ("build-failed", "no-residual"):
+        return ""
+    if row.status not in ("whole", "partial"):
+        return f"{row.status}: {row.reason}"
+    return "" if row.verified == "ok" else f"verifier {row.verified}"
+
+
+def _hf_tables(rows: list[Row]) -> list[str]:
+    lines = ["## Hugging Face misses and their causes", ""]
+    for r in rows:
+        miss = _hf_miss(r)
+        if miss:
+            lines.append(f"- **{r.family}** ({r.model}): {miss}. Cause: {HF_KNOWN_CAUSES.get(r.family, '**unexplained**')}")
+    lines += ["", "## Hugging Face model types that do not build from a tiny config or have no residual", ""]
+    for r in rows:
+        if r.status in ("build-failed", "no-residual"):
+            lines.append(f"- {r.family} ({r.model}): {r.status}: {r.reason}")
+    headers = ["model type", "class", "params M", "status", "sites", "blocks", "untraced", "specialised", "verifier",
+               "surgery s", "total s", "untraced modules / reason"]
+    lines += ["", "## Hugging Face transformers (tiny configs)", "", "| " + " | ".join(headers) + " |",
+              "|" + "---|" * len(headers)]
+    for r in rows:
+        cells = [r.family, r.model, r.params_m, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
+                 r.surgery_s, r.total_s, r.reason]
+        lines.append("| " + " | ".join(map(_cell, cells)) + " |")
+    return lines + [""]
+
+
 def _miss(row: Row) -> str:
     """Which target ``row`` misses ('' for none)."""
     if row.status in ("no-residual", "skipped"):
@@ -701,6 +934,14 @@ def _parity_cell(row: Row) -> str:
     return f"{row.parity} ({row.parity_max_abs_diff:.2g})"
 
 
+def _transformers_version(rows: list[Row]) -> str:
+    if not any(r.zoo == "hf" for r in rows):
+        return ""
+    import transformers
+
+    return f", transformers {transformers.__version__}"
+
+
 def _cell(value) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else f"{value:g}"
@@ -723,7 +964,8 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
         "# Zoo coverage",
         "",
         f"Generated by `{command}` in {wall_s / 60:.1f} min on {platform.machine()} CPU "
-        f"(torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}), "
+        f"(torch {torch.__version__}, torchvision {torchvision.__version__}, timm {timm.__version__}"
+        f"{_transformers_version(rows)}), "
         f"p_max = {P_MAX}, batch {BATCH} (1 above {LARGE_PARAMS_M} M parameters or {LARGE_SIDE} px), random weights. Columns are explained at the end; "
         "[residual-rules.md](residual-rules.md) explains what counts as a site and what *partial* means.",
         "",
@@ -739,8 +981,13 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
                   f"{len(missing)} of {len(rows) + len(missing)} models did not finish before the report was written "
                   "(the sweep ran on a shared machine); the targets above count only the models measured: "
                   + ", ".join(missing) + ".", ""]
+    hf = [r for r in rows if r.zoo == "hf"]
+    if hf:
+        lines += ["## Hugging Face transformers", "", *[f"- {k}: **{v}**" for k, v in summarise_hf(hf).items()], ""]
     lines += ["## Misses and their causes", ""]
     for r in rows:
+        if r.zoo == "hf":
+            continue
         miss = _miss(r)
         if miss:
             cause = KNOWN_CAUSES.get(r.model, "**unexplained**")
@@ -770,6 +1017,10 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
                  r.untraced, r.verified, r.surgery_s, _parity_cell(r), r.reason]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     lines.append("")
+
+
+    if hf:
+        lines += _hf_tables(hf)
     lines += [
         "## Columns",
         "",
@@ -811,11 +1062,15 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
-    parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "dense"), default="all")
+    parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "dense", "hf"), default="all")
+    parser.add_argument("--hf-sample-order", action="store_true",
+                        help="run the Hugging Face model types in a fixed pseudo-random order instead of by name")
+    parser.add_argument("--hf-timeout", type=float, default=45.0, help="CPU seconds per Hugging Face model type")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run side by side (one thread each)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
+    parser.add_argument("--hf-worker", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--from-csv", type=Path, nargs="+",
                         help="rewrite the report from these CSVs (parts of one sweep) without running models")
     parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
@@ -827,11 +1082,18 @@ def main(argv: list[str] | None = None) -> int:
         # A model measured again in a later CSV (a rerun of a few models) replaces its earlier row.
         latest = {(row.zoo, row.model): row for path in args.from_csv for row in _read_csv(path)}
         rows = list(latest.values())
-        order = {zoo: i for i, zoo in enumerate(("torchvision", "timm", "dense"))}
+        order = {zoo: i for i, zoo in enumerate(("torchvision", "timm", "dense", "hf"))}
         rows.sort(key=lambda r: order.get(r.zoo, len(order)))
         missing = [name for zoo, _, name in all_jobs() if (zoo, name) not in latest]
         write_reports(rows, args.out, args.wall_min * 60, args.command, missing)
         print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+        return 0
+
+    if args.hf_worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("ZOO_THREADS", "1")))
+        _hf_worker(args.hf_worker[1:], float(args.hf_worker[0]))
         return 0
 
     if args.worker:
@@ -849,6 +1111,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [j for j in all_jobs() if args.zoo in ("all", j[0]) and (not args.only or j[2] in args.only)]
     command = "python benchmarks/zoo.py" + (f" --zoo {args.zoo}" if args.zoo != "all" else "")
     started = time.perf_counter()
+    rows: list[Row] = []
     done: dict[int, Row] = {}
     # Workers are subprocesses; threads only wait for them. The report is rewritten after every model, so
     # an interrupted sweep leaves the rows it finished.
@@ -861,8 +1124,29 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row.reason[:120]}", flush=True)
             rows = [done[i] for i in sorted(done)]
             write_reports(rows, args.out, time.perf_counter() - started, command)
+    if args.zoo in ("all", "hf"):
+        args.out.mkdir(parents=True, exist_ok=True)
+        hf_types = [t for t in hf_model_types() if not args.only or t in args.only]
+        if args.hf_sample_order:  # a fixed pseudo-random order: a sweep stopped early has swept a fair sample
+            hf_types.sort(key=lambda t: hashlib.sha1(t.encode()).hexdigest())
+        for start in range(0, len(hf_types), HF_CHUNK):
+            for row in _run_hf_chunk(hf_types[start:start + HF_CHUNK], args.hf_timeout):
+                rows.append(row)
+                print(f"[hf {len(rows)}/{len(hf_types)}] {row.family} ({row.model}): {row.status} sites={row.sites} "
+                      f"verified={row.verified} {row.total_s}s {row.reason[:120]}", flush=True)
+            with open(args.out / "zoo-hf-partial.csv", "w", newline="") as f:  # progress, for a long sweep
+                writer = csv.writer(f)
+                writer.writerow([f.name for f in fields(Row)])
+                writer.writerows([_cell(v) for v in asdict(r).values()] for r in rows)
+    swept = {row.zoo for row in rows}
+    if (args.out / "zoo.csv").exists() and not args.only:  # keep the rows of the zoos not swept this time
+        rows = [r for r in _read_csv(args.out / "zoo.csv") if r.zoo not in swept] + rows
+    write_reports(rows, args.out, time.perf_counter() - started, command)
     print("\n".join(f"{k}: {v}" for k, v in summarise(rows).items()))
+    if any(r.zoo == "hf" for r in rows):
+        print("\n".join(f"Hugging Face {k}: {v}" for k, v in summarise_hf([r for r in rows if r.zoo == "hf"]).items()))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

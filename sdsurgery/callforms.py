@@ -134,15 +134,16 @@ def call_key(args: tuple, kwargs: Mapping[str, Any]) -> Hashable | None:
 
 
 def concrete_arguments(arguments: Mapping[str, Any]) -> dict[str, Any] | None:
-    """``concrete_args`` that trace a block for a call with these arguments: tensors stay inputs (``fx.PH``),
-    ``None`` and plain values are specialised on; ``None`` when an argument is an object no trace can take."""
+    """``concrete_args`` that trace a block for a call with these arguments: tensors and other objects stay
+    inputs, ``None`` and plain values are specialised on; ``None`` when a container argument holds an object
+    no trace can take."""
     concrete: dict[str, Any] = {}
     for name, value in arguments.items():
         form = form_of(value)
+        if form is TRACED or isinstance(form, _Opaque):  # an object (a key-value cache) is an input of the trace
+            continue
         if not is_specialisable(form):
             return None
-        if form is TRACED:
-            continue
         concrete[name] = _placeholders(value)
     return concrete
 

@@ -96,6 +96,8 @@ class Checkpoint:
     ``sites`` records each site's ``block_path``, ``add``, ``depth``, ``drop_rate`` and ``shortcut`` as
     written, so a rebuild that finds other sites is caught. ``input_size`` is the per-sample input shape
     the retrofit was verified on. ``module`` is the unpickled module of a ``"pickle"``-format file.
+    ``hf_config`` is the config of a Hugging Face model (from a model directory), so that the model is
+    rebuilt without the directory.
     """
 
     source: ModelSpec
@@ -108,6 +110,7 @@ class Checkpoint:
     format: str = "state_dict"
     format_version: int = FORMAT_VERSION
     module: nn.Module | None = None
+    hf_config: dict[str, Any] | None = None
 
     def metadata(self) -> dict[str, Any]:
         """Everything but the weights, as plain values that ``weights_only`` loading accepts."""
@@ -117,7 +120,10 @@ class Checkpoint:
             "format": FORMAT,
             "format_version": self.format_version,
             "created_by": {"sdsurgery": str(__version__), "torch": str(torch.__version__)},  # TorchVersion is no str
-            "source": {"model": str(self.source.resolved()), **self.build.to_dict(), "weights": self.weights},
+            "source": {
+                "model": str(self.source.resolved()), **self.build.to_dict(), "weights": self.weights,
+                **({"hf_config": self.hf_config} if self.hf_config is not None else {}),
+            },
             "surgery": self.surgery.to_dict(),
             "sites": [dict(site) for site in self.sites],
             "input_size": list(self.input_size) if self.input_size is not None else None,
@@ -128,7 +134,12 @@ class Checkpoint:
 
         A source that is itself a pickled model is unpickled again only with ``trust_pickle=True``.
         """
-        model = build_model(self.source, self.build, trust_pickle=trust_pickle)
+        if self.hf_config is not None:
+            from .hf import model_from_config_dict
+
+            model = model_from_config_dict(self.hf_config)
+        else:
+            model = build_model(self.source, self.build, trust_pickle=trust_pickle)
         load_state_dict_into(model, self.state_dict, "the checkpoint", str(self.source))
         return model
 
@@ -201,6 +212,7 @@ def checkpoint_for(
         weights=weights,
         format=format,
         module=model if format == "pickle" else None,
+        hf_config=model.config.to_dict() if source.source == "hf" else None,
     )
 
 
@@ -332,7 +344,7 @@ def _parse(path: Path, contents: Any, *, module: nn.Module | None = None, format
         source = contents["source"]
         input_size = contents.get("input_size")
         return Checkpoint(
-            source=_stored_spec(source["model"]),
+            source=_stored_spec(source["model"], hf=source.get("hf_config") is not None),
             surgery=SurgeryOptions.from_dict(contents["surgery"]),
             sites=[dict(site) for site in contents["sites"]],
             state_dict=dict(contents["state_dict"]),
@@ -342,13 +354,16 @@ def _parse(path: Path, contents: Any, *, module: nn.Module | None = None, format
             format=format,
             format_version=version,
             module=module,
+            hf_config=dict(source["hf_config"]) if source.get("hf_config") is not None else None,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{path} is damaged: {type(error).__name__} {error} in its metadata") from error
 
 
-def _stored_spec(text: str) -> ModelSpec:
-    # Not parse_model_spec: a stored pickle path is taken as written, whether or not the file is still there.
+def _stored_spec(text: str, *, hf: bool = False) -> ModelSpec:
+    # Not parse_model_spec: a stored path is taken as written, whether or not the file is still there.
+    if hf:
+        return ModelSpec("hf", text)
     registry, colon, name = text.partition(":")
     return ModelSpec(registry, name) if colon and registry in REGISTRIES else ModelSpec("pickle", text)
 

@@ -33,8 +33,9 @@ _UNTRACED_WARNING = "sdsurgery kept these modules"  # the site table already lis
 
 MODEL_HELP = """\
 MODEL is torchvision:NAME or timm:NAME (built with random weights, nothing is downloaded; load weights with
---weights FILE), or the path of a whole model saved with torch.save(model), which is unpickled only with
---trust-pickle because unpickling runs arbitrary code."""
+--weights FILE), the path of a whole model saved with torch.save(model), which is unpickled only with
+--trust-pickle because unpickling runs arbitrary code, or a Hugging Face model directory (config.json and
+weights, as save_pretrained writes them; needs transformers), verified on inputs made from its config."""
 
 
 class CliError(SurgeryError):
@@ -115,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="show the full traceback of an error instead of one line")
 
     model = _Parser(add_help=False)
-    model.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME or the path of a pickled model")
+    model.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, the path of a pickled model or a Hugging Face model directory")
     model.add_argument("--weights", metavar="FILE",
                        help="weights to load: a state dict (.pth/.pt/.bin), a checkpoint nesting one under "
                             "state_dict/model/model_ema, DDP 'module.' keys, or .safetensors")
@@ -253,7 +254,7 @@ def _apply(args: argparse.Namespace) -> int:
             model, args.p_max, schedule=_schedule_arg(args.schedule), mode=args.mode, verify=False
         )
     report = _check(model, retrofitted, inputs, spec)
-    print(f"verification on a {_shape((2, *input_size))} input: {report.summary()}")
+    print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
         raise VerificationError(f"verification failed, nothing written to {output}: {_failures(report)}")
     checkpoint = checkpoint_for(
@@ -279,7 +280,7 @@ def _verify(args: argparse.Namespace) -> int:
         retrofitted = checkpoint.retrofit(original)
     inputs, input_size = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
     report = _check(original, retrofitted, inputs, checkpoint.source)
-    print(f"verification on a {_shape((2, *input_size))} input: {report.summary()}")
+    print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
         raise VerificationError(f"verification failed, {path} does not behave like its source: {_failures(report)}")
     return 0
@@ -312,23 +313,36 @@ def _plan(spec: ModelSpec, model: nn.Module, p_max: float, schedule: str | tuple
 
 def _example_inputs(
     model: nn.Module, input_size: Sequence[int] | None, spec: ModelSpec
-) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+) -> tuple[tuple[torch.Tensor, ...] | dict[str, Any], tuple[int, ...] | None]:
+    """Example inputs and the per-sample input size to record (``None`` for keyword inputs made from a
+    Hugging Face model's config, which the checkpoint's config makes again)."""
     if input_size is not None:
+        if spec.source == "hf":
+            raise CliError(f"--input-size does not apply to {spec}: its example inputs come from its config")
         generator = torch.Generator().manual_seed(0)
         return (torch.randn((2, *input_size), generator=generator),), tuple(input_size)
     inputs = default_example_inputs(model)
     if inputs is None:
         raise CliError(f"the input size of {spec} ({type(model).__name__}) is not known: pass --input-size C,H,W")
+    if isinstance(inputs, dict):
+        return inputs, None
     return inputs, tuple(inputs[0].shape[1:])
 
 
-def _check(original: nn.Module, retrofitted: nn.Module, inputs: tuple, spec: ModelSpec) -> VerificationReport:
+def _describe_inputs(inputs: tuple[torch.Tensor, ...] | dict[str, Any]) -> str:
+    """``a 2x3x224x224 input`` or ``input_ids 2x8`` (keyword inputs)."""
+    if isinstance(inputs, dict):
+        return ", ".join(f"{name} {_shape(value.shape)}" for name, value in inputs.items())
+    return f"a {_shape(inputs[0].shape)} input"
+
+
+def _check(original: nn.Module, retrofitted: nn.Module, inputs: tuple | dict[str, Any], spec: ModelSpec) -> VerificationReport:
     try:
         return verify(original, retrofitted, inputs)
     except RuntimeError as error:  # the model cannot run on this input: say so instead of a torch traceback
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CliError(
-            f"{spec} does not run on a {_shape(inputs[0].shape)} input ({first}): pass an --input-size it accepts"
+            f"{spec} does not run on {_describe_inputs(inputs)} ({first}): pass an --input-size it accepts"
         ) from error
 
 

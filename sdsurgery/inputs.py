@@ -66,20 +66,30 @@ def as_call(example_inputs: ExampleInputs | ExampleCall) -> ExampleCall:
 
 def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """A call's arguments by ``module.forward``'s parameter names, defaults included (an omitted ``mask=None``
-    is as much part of the call as a given one); ``*args``/``**kwargs`` left out; ``{}`` when they do not bind."""
+    is as much part of the call as a given one); ``*args`` left out, ``**kwargs`` as one dict under its name;
+    ``{}`` when they do not bind."""
     try:
         signature = inspect.signature(module.forward)
         bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):
         return {}
     bound.apply_defaults()
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    return {k: v for k, v in bound.arguments.items() if signature.parameters[k].kind not in variadic}
+    return {
+        k: v for k, v in bound.arguments.items() if signature.parameters[k].kind is not inspect.Parameter.VAR_POSITIONAL
+    }
 
 
-def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...] | None:
+def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch.Tensor, ...] | dict[str, Any] | None:
     """A random input from the model's known input size (timm's ``pretrained_cfg``, 3x224x224 for
-    torchvision classifiers), or ``None`` when the size is not known."""
+    torchvision classifiers; keyword inputs made from the config of a Hugging Face model, see
+    :func:`sdsurgery.hf.example_inputs`), or ``None`` when the size is not known."""
+    if is_transformers_model(model):
+        from .hf import HFModelError, example_inputs
+
+        try:
+            return example_inputs(model, batch_size)
+        except HFModelError:
+            return None
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     size = cfg.get("input_size") if isinstance(cfg, dict) else None
     if size is None and type(model).__module__.startswith("torchvision.models"):
@@ -90,6 +100,13 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size, *size), generator=generator)
     return (x.to(parameter.device) if parameter is not None else x,)
+
+
+def is_transformers_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a Hugging Face transformers model (a ``PreTrainedModel``), without importing
+    transformers when it is not loaded."""
+    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
+               for cls in type(model).__mro__)
 
 
 def example_call(model: nn.Module, example_inputs: ExampleInputs | ExampleCall | None) -> ExampleCall | None:

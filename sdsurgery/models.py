@@ -22,6 +22,8 @@ from torch import nn
 from .errors import SurgeryError
 
 REGISTRIES = ("torchvision", "timm")
+PATH_SOURCES = ("pickle", "hf")
+"""Sources named by a path: a model saved with ``torch.save``, a Hugging Face model directory."""
 STATE_DICT_KEYS = ("state_dict", "model", "model_ema")
 """Where training checkpoints nest their state dict, in the order they are looked for."""
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -52,18 +54,18 @@ class PickledObjectsError(SurgeryError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Where a model comes from: ``source`` is ``"torchvision"``, ``"timm"`` or ``"pickle"``; ``name`` is
-    the registry name, or the file's path for ``"pickle"``."""
+    """Where a model comes from: ``source`` is ``"torchvision"``, ``"timm"``, ``"pickle"`` or ``"hf"`` (a
+    Hugging Face model directory); ``name`` is the registry name, or the file's or directory's path."""
 
     source: str
     name: str
 
     def __str__(self) -> str:
-        return self.name if self.source == "pickle" else f"{self.source}:{self.name}"
+        return self.name if self.source in PATH_SOURCES else f"{self.source}:{self.name}"
 
     def resolved(self) -> ModelSpec:
         """The same spec with an absolute path, so that it still names the file from another folder."""
-        return ModelSpec(self.source, str(Path(self.name).resolve())) if self.source == "pickle" else self
+        return ModelSpec(self.source, str(Path(self.name).resolve())) if self.source in PATH_SOURCES else self
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,8 @@ def _is_plain(value: Any) -> bool:
 
 
 def parse_model_spec(text: str) -> ModelSpec:
-    """Parse ``torchvision:NAME``, ``timm:NAME`` or the path of a model saved with ``torch.save(model)``.
+    """Parse ``torchvision:NAME``, ``timm:NAME``, the path of a model saved with ``torch.save(model)`` or a
+    Hugging Face model directory (``config.json`` and weights, as ``save_pretrained`` writes them).
 
     Raises ``ModelSpecError`` for an empty name, an unknown ``source:`` prefix, or a path that does not
     exist (suggesting ``torchvision:``/``timm:`` when the text is a registry name).
@@ -123,6 +126,15 @@ def parse_model_spec(text: str) -> ModelSpec:
             raise ModelSpecError(f"'{text}' names no model: write {source}:NAME, e.g. {source}:resnet18")
         return ModelSpec(source, name)
     path = Path(text)
+    if path.is_dir():
+        from .hf import is_model_directory
+
+        if not is_model_directory(path):
+            raise ModelSpecError(
+                f"{text} is a folder without a config.json: MODEL may be a Hugging Face model directory, as "
+                "save_pretrained writes it"
+            )
+        return ModelSpec("hf", text)
     if path.exists():
         return ModelSpec("pickle", text)
     if colon and "/" not in source and "\\" not in source and len(source) > 1:
@@ -181,13 +193,20 @@ def build_model(spec: ModelSpec, options: BuildOptions = BuildOptions(), *, trus
     ``WeightsError`` when the file cannot be read.
     """
     kwargs = options.kwargs()
+    if spec.source in PATH_SOURCES and kwargs:
+        raise ModelSpecError(
+            f"architecture options ({options.describe()}) only apply to models built by name "
+            f"(torchvision:NAME, timm:NAME), not to the saved model {spec.name}"
+        )
     if spec.source == "pickle":
-        if kwargs:
-            raise ModelSpecError(
-                f"architecture options ({options.describe()}) only apply to models built by name "
-                "(torchvision:NAME, timm:NAME), not to the pickled model " + spec.name
-            )
         return load_pickled_model(Path(spec.name), trust=trust_pickle)
+    if spec.source == "hf":
+        from .hf import HFModelError, load_model_directory
+
+        try:
+            return load_model_directory(spec.name)
+        except HFModelError as error:
+            raise ModelSpecError(str(error)) from error
     if not name_in_registry(spec.source, spec.name):
         raise _unknown_model(spec.source, spec.name)
     try:

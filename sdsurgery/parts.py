@@ -26,6 +26,7 @@ from torch import fx, nn
 from .errors import TraceError
 from .inputs import ExampleCall, bind_arguments
 from .ops import STOCHASTIC_DEPTH_MODULES
+from .residuals import find_residual_adds
 from .tracing import (
     ModuleCall,
     ShapeExamples,
@@ -102,12 +103,25 @@ class TracedModel:
         return options
 
     def all_calls(self) -> dict[str, ModuleCall]:
-        """The first call of every module, from the traces and from the run of the model."""
+        """The first call of every module, from the traces and from the run of the model. Where both saw a
+        call, an argument the trace saw as a traced value stays one (shapes computed from the input stay
+        symbolic), and any other argument is taken from the run: a trace through a decorated forward skips
+        what its decorators do (transformers fills ``use_cache`` from the config), the run does not."""
         calls = dict(self.calls)
         for part in _traced_parts(self.root):
             for path, call in part.trace.module_calls.items():
-                calls.setdefault(_join(part.path, path), call)
+                path = _join(part.path, path)
+                calls[path] = _merged_call(call, calls[path]) if path in calls else call
         return calls
+
+
+def _merged_call(traced: ModuleCall, run: ModuleCall) -> ModuleCall:
+    arguments = dict(run.arguments)
+    for name, value in traced.arguments.items():
+        if isinstance(value, fx.Proxy) or name not in arguments:
+            arguments[name] = value
+    values = {**(run.values or {}), **(traced.values or {})} if traced.values is not None else run.values
+    return ModuleCall(arguments, values)
 
 
 def _traced_parts(part: Part | None) -> Iterator[Part]:
@@ -150,6 +164,7 @@ def trace_model(model: nn.Module, options: TraceOptions, example_inputs: Example
     if example_inputs is not None:  # the model is traced, and retrofitted, for the form of the example call
         traced.calls[""] = ModuleCall(arguments, root_values)
     traced.root = _trace_part(traced, "")
+    _capture_calls(traced)  # how the blocks are really called (see TracedModel.all_calls)
     return traced
 
 
@@ -220,6 +235,7 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
             else:
                 untraced[error.module_path] = error.reason
                 options = options.with_leaf_paths([inner])
+    result, options = _unspecialise(module, result, options, path, concrete_args)
     for node in result.graph.find_nodes(op="call_module"):
         cls = type(module.get_submodule(node.target))
         if cls in timm_leaves:
@@ -227,6 +243,27 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     traced.untraced.update(untraced)
     traced.specialised.update({_join(path, p): where for p, where in result.specialised.items()})
     return Part(path, result, options)
+
+
+def _unspecialise(
+    module: nn.Module, result: Trace, options: TraceOptions, path: str, concrete_args: dict[str, Any] | None
+) -> tuple[Trace, TraceOptions]:
+    """Keep whole the modules inside ``module`` whose code was specialised on example shapes but that own
+    no residual addition (attention code choosing a kernel by sequence length): run as they are, they work
+    for every shape, and only the blocks that own residuals depend on the example. Returns the trace and
+    options unchanged when there are none, or when the trace without them loses a residual."""
+    owners = {a.block_path for a in find_residual_adds(result.graph, module)}
+    inner = [p for p in result.specialised if p and not any(o == p or o.startswith(p + ".") for o in owners)]
+    if not inner:
+        return result, options
+    leafed = options.with_leaf_paths(inner)
+    try:
+        retraced = trace(module, leafed, path=path, concrete_args=concrete_args)
+    except TraceError:
+        return result, options
+    if {a.block_path for a in find_residual_adds(retraced.graph, module)} != owners:
+        return result, options
+    return retraced, leafed
 
 
 def _capture_calls(traced: TracedModel) -> None:

@@ -28,6 +28,7 @@ import torch
 from torch import fx, nn
 
 from .callforms import CallForm, call_key, concrete_arguments
+from .decorators import decorated_forward, rewrap
 from .errors import SurgeryError, TraceError
 from .inputs import bind_arguments, model_mode
 from .ops import StochasticDepth
@@ -70,7 +71,10 @@ class RetrofittedBlock(fx.GraphModule):
         class_name: str | None = None,
         constants: dict[str, torch.Tensor] | None = None,
         retrace: Retrace | None = None,
+        block_class: type[nn.Module] | None = None,
     ) -> None:
+        if block_class is None:
+            block_class = block.block_class if isinstance(block, RetrofittedBlock) else type(block)
         class_name = class_name or type(block).__name__
         constants = dict(constants or {})
         with _attributes(block, constants):
@@ -91,6 +95,7 @@ class RetrofittedBlock(fx.GraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self.training = block.training
+        self.block_class = block_class
         self.__dict__["_retrace"] = retrace  # not a submodule: its tree is this block's own
         self.__dict__["_routes"] = {}
         if retrace is not None:  # the original code sees the same parameters, buffers and children
@@ -98,6 +103,19 @@ class RetrofittedBlock(fx.GraphModule):
             retrace.block._buffers = self._buffers
         if eval_graph is not None and not self.training:
             self.graph = eval_graph
+        elif decorated_forward(block_class) is not None:
+            self.recompile()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Plain class-level settings of the original class (``gradient_checkpointing = False``) are read by
+            # its decorators and by libraries configuring the model; they read the same here.
+            value = _class_setting(self.__dict__.get("block_class"), name)
+            if value is _MISSING:
+                raise
+            return value
 
     def recompile(self) -> Any:
         code = super().recompile()
@@ -111,6 +129,12 @@ class RetrofittedBlock(fx.GraphModule):
         # a root) see the graph's own.
         forward.__wrapped__ = graph_forward  # type: ignore[attr-defined]
         cls.forward = forward
+        decorated = decorated_forward(self.__dict__.get("block_class"))
+        if decorated is not None:  # the original forward's decorators run around the routing, once
+            try:
+                cls.forward = rewrap(decorated, forward)
+            except ValueError as error:
+                warnings.warn(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2)
         return code
 
     def _route(self, graph_forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -119,7 +143,7 @@ class RetrofittedBlock(fx.GraphModule):
             # Stochastic depth is the identity in eval: the block's own code computes the original's output
             # exactly, fused fast paths and nested tensors included (torch's transformer layers take them).
             retrace.block.training = False
-            return retrace.block.forward(*args, **kwargs)
+            return _undecorated_forward(retrace.block)(*args, **kwargs)
         route = self._route_of(args, kwargs)
         if route is _TRACED_FORM:
             return graph_forward(self, *args, **kwargs)
@@ -129,7 +153,7 @@ class RetrofittedBlock(fx.GraphModule):
                 warnings.warn(f"sdsurgery: {route.reason}; such calls run its original code, without stochastic "
                               "depth in training", stacklevel=3)
             retrace.block.training = self.training
-            return retrace.block.forward(*args, **kwargs)
+            return _undecorated_forward(retrace.block)(*args, **kwargs)
         return route[self.training](*args, **kwargs)
 
     def _route_of(self, args: tuple, kwargs: dict) -> Any:
@@ -187,8 +211,10 @@ class RetrofittedBlock(fx.GraphModule):
         def init(copy: RetrofittedBlock, root: Any, graph: fx.Graph) -> None:
             state = root.__dict__
             graphs = (state["train_graph"], state["eval_graph"])
-            retrace = state.get("_retrace")
-            RetrofittedBlock.__init__(copy, root, *graphs, state["block_class_name"], state["constants"], retrace)
+            RetrofittedBlock.__init__(
+                copy, root, *graphs, state["block_class_name"], state["constants"], state.get("_retrace"),
+                state["block_class"],
+            )
 
         return init
 
@@ -201,7 +227,7 @@ class RetrofittedBlock(fx.GraphModule):
             train = fx.GraphModule(shell, self.train_graph)
             evaluate = fx.GraphModule(shell, self.eval_graph) if self.eval_graph is not None else None
         retrace = self.__dict__.get("_retrace")
-        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, retrace)
+        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, retrace, self.block_class)
         return (_restore_block, state)
 
 
@@ -213,12 +239,18 @@ def _restore_block(
     constants: dict[str, torch.Tensor],
     training: bool,
     retrace: Retrace | None = None,
+    block_class: type[nn.Module] | None = None,
 ) -> RetrofittedBlock:
     graphs = (train.graph, evaluate.graph if evaluate is not None else None)
-    return RetrofittedBlock(shell, *graphs, class_name, constants, retrace).train(training)
+    return RetrofittedBlock(shell, *graphs, class_name, constants, retrace, block_class).train(training)
 
 
 _TRACED_FORM = "traced form"
+
+
+def _undecorated_forward(block: nn.Module) -> Any:
+    """``block.forward`` without its decorators: the retrofitted block's forward ran them already."""
+    return inspect.unwrap(type(block).forward).__get__(block)
 
 
 def _traced_call(args: tuple, kwargs: dict) -> bool:
@@ -304,6 +336,24 @@ class Retrace:
         for training, module in graphs.items():
             module.training = training
         return graphs
+
+
+_MISSING = object()
+_SETTING_TYPES = (bool, int, float, str, type(None))
+
+
+def _class_setting(cls: type | None, name: str) -> Any:
+    """The value of a plain class attribute (bool, number, string, None) that ``cls`` defines below
+    ``nn.Module``, or ``_MISSING``."""
+    if cls is None or name.startswith("__"):
+        return _MISSING
+    for base in cls.__mro__:
+        if base in (nn.Module, object):
+            break
+        value = base.__dict__.get(name, _MISSING)
+        if value is not _MISSING:
+            return value if isinstance(value, _SETTING_TYPES) else _MISSING
+    return _MISSING
 
 
 @contextmanager

@@ -15,6 +15,7 @@ something else. Shapes that only flow into tensor operations stay symbolic; data
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import os
 import sys
@@ -148,10 +149,48 @@ class ModuleCall:
         """Arguments that were plain Python values (not traced tensors), to specialise a standalone trace on."""
         concrete = {}
         for name, value in self.arguments.items():
-            if _is_traced(value):
+            if _is_traced(value) or not _is_plain(value, tensors=True):
                 continue
             concrete[name] = pytree.tree_map(lambda v: fx.PH if _is_traced(v) else v, value)
         return concrete
+
+
+def _is_plain(value: Any, *, tensors: bool = False) -> bool:
+    """Whether ``value`` is a plain Python value a trace may be specialised on (and guarded): ``None``, a
+    number, a string, a dtype or device, or a tuple/list/dict of such values (or of tensors, with
+    ``tensors``, which stay inputs). Other objects (a key-value cache, a config) are passed to the traced
+    code as they come."""
+    if tensors and _is_traced(value):
+        return True
+    if isinstance(value, (tuple, list)):
+        return all(_is_plain(v, tensors=tensors) for v in value)
+    if isinstance(value, dict):
+        return all(_is_plain(v, tensors=tensors) for v in value.values())
+    return value is None or isinstance(value, (bool, int, float, str, torch.dtype, torch.device))
+
+
+def check_keyword_arguments(keywords: dict[str, Any], names: tuple[str, ...], plain: dict[str, Any]) -> None:
+    """Raise ``TypeError`` unless a traced forward's ``**kwargs`` hold exactly the keywords it was traced with,
+    with the same plain values: the trace read them as they were."""
+    if tuple(keywords) != names and set(keywords) != set(names):
+        raise TypeError(
+            f"this retrofitted block was traced for the keyword arguments {sorted(names)} in **kwargs, "
+            f"got {sorted(keywords)}; retrofit it with example inputs that call it this way"
+        )
+    for name, value in plain.items():
+        if keywords[name] is not value and keywords[name] != value:
+            raise TypeError(
+                f"this retrofitted block was traced with {name}={value!r}, got {name}={keywords[name]!r}; "
+                "retrofit it with example inputs that call it this way"
+            )
+
+
+def _var_keyword_name(fn: Callable[..., Any]) -> str | None:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    return next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
 def _is_traced(value: Any) -> bool:
@@ -208,14 +247,53 @@ class SurgeryTracer(fx.Tracer):
         self.example_values = example_values if options.concrete_shapes and self.fake_mode is not None else None
         self.computing = False  # fx patches module calls and attributes while it traces; see call_module
 
+    def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
+        # A decorated forward (``functools.wraps``: transformers' ``deprecate_kwarg``, ``can_return_tuple``,
+        # gradient-checkpointing wrappers) is traced through the function it wraps: fx reads the parameters
+        # of the innermost function but would call the wrapper, whose code has no such parameters.
+        # :class:`.rewrite.RetrofittedBlock` puts the decorators back around the traced forward.
+        root_fn = inspect.unwrap(root_fn)
+        keywords_name = _var_keyword_name(root_fn)
+        keywords = None
+        if keywords_name is not None and isinstance(concrete_args, dict):
+            # fx cannot generate a forward that takes both ``**kwargs`` and a flattened structured argument:
+            # containers stay single inputs (code unpacking them still traces).
+            keywords = concrete_args.get(keywords_name)
+            concrete_args = {k: v for k, v in concrete_args.items() if not isinstance(v, (tuple, list, dict))}
+        if keywords is None and keywords_name is not None and self.options.examples is not None:
+            keywords = (self.options.examples.at("") or {}).get(keywords_name)
+        fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
+        placeholder = next((a for a in args if isinstance(a, fx.Proxy) and a.node.target == "**" + str(keywords_name)), None)
+        if placeholder is None or not isinstance(keywords, dict):
+            return fn, args
+        # ``**kwargs`` of a root traced on its own: the keywords of the call it was seen in, each read from the
+        # placeholder (or, for a plain value such as ``None``, specialised on it), with a guard that a later
+        # call passes the same keywords.
+        expanded = {k: v if _is_plain(v) else placeholder[k] for k, v in keywords.items()}
+        plain = {k: v for k, v in expanded.items() if not isinstance(v, fx.Proxy)}
+        self.create_proxy("call_function", check_keyword_arguments, (placeholder, tuple(keywords), plain), {})
+
+        def with_keywords(*call_args: Any) -> Any:
+            return fn(*(expanded if a is placeholder else a for a in call_args))
+
+        return with_keywords, args
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if id(m) in self.extra_leaves or module_qualified_name in self.options.leaf_paths:
             return True
-        if is_stochastic_depth_op(m) or isinstance(m, self.options.leaf_modules):
+        if self._is_stochastic_depth(m) or isinstance(m, self.options.leaf_modules):
             return True
         if isinstance(m, COMPOSITE_TORCH_MODULES):
             return False
         return super().is_leaf_module(m, module_qualified_name)
+
+    def _is_stochastic_depth(self, m: nn.Module) -> bool:
+        # Recognising a module may run it on a probe input: as its own code, not as part of the trace.
+        computing, self.computing = self.computing, True
+        try:
+            return is_stochastic_depth_op(m)
+        finally:
+            self.computing = computing
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         if self.computing:  # running a module on example values: its own code, not a trace
@@ -404,7 +482,7 @@ def trace(
     # Stochastic-depth functions the module's code calls (a third-party drop_connect) stay single calls, so
     # the pass sees them on the branch and re-rates them instead of tracing their random ops.
     tracer = SurgeryTracer(options, extra_leaves, examples, stochastic_depth_functions_in(module))
-    attributes_before = set(vars(module))
+    attributes_before = dict(vars(module))
     try:
         with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):
             warnings.simplefilter("ignore")  # fx warns for every specialised argument it cannot assert on
@@ -415,7 +493,12 @@ def trace(
         raise TraceError(full_path, inner_type, error) from error
     finally:
         # fx stores tensor constants on the traced module; take them back off so tracing changes nothing.
-        constants = {name: vars(module).pop(name) for name in set(vars(module)) - attributes_before}
+        constants = {name: vars(module).pop(name) for name in set(vars(module)) - set(attributes_before)}
+        # Code that sets an attribute of the traced module itself (``self.window_size = min(resolution)``)
+        # would leave a proxy there for the next trace.
+        for name, value in attributes_before.items():
+            if vars(module).get(name) is not value:
+                vars(module)[name] = value
     _restore_specialised_names(graph, concrete_args or {})
     return Trace(graph, tracer.module_calls, constants, tracer.specialised)
 

@@ -259,6 +259,14 @@ class _SiteProbe(fx.Interpreter):
         self.watched = watched
         self.values: dict[fx.Node, torch.Tensor] = {}
 
+    keywords: dict[str, Any] = {}
+    """The call's extra keywords, for a forward that takes ``**kwargs``."""
+
+    def placeholder(self, target: str, args: tuple, kwargs: dict) -> Any:
+        if target.startswith("**"):  # fx's interpreter only hands positional arguments on
+            return dict(self.keywords)
+        return super().placeholder(target, args, kwargs)
+
     def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
         # fx makes list and dict arguments immutable; the generated forward passes fresh mutable ones, and
         # helpers kept as single calls may change them (torchvision's swin3d pads its window size in place).
@@ -305,7 +313,9 @@ def _block_calls(model: nn.Module, blocks: dict[str, nn.Module], run: Any) -> di
     calls: dict[str, tuple[tuple, dict]] = {}
     handles = [
         block.register_forward_pre_hook(
-            lambda m, args, kwargs, path=path: calls.setdefault(path, (args, kwargs)) and None, with_kwargs=True
+            # A copy as the block got them: the call may hand it state that later code updates (a key-value cache).
+            lambda m, args, kwargs, path=path: None if path in calls else calls.setdefault(path, copy.deepcopy((args, kwargs))) and None,
+            with_kwargs=True,
         )
         for path, block in blocks.items()
     ]
@@ -346,6 +356,13 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         bound = signature.bind(*calls[path][0], **calls[path][1])
         bound.apply_defaults()
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
+        keywords = bound.kwargs  # a forward's **kwargs
+
+        def run(probe: _SiteProbe) -> None:  # on fresh copies: a run may update state it is passed (a cache)
+            fresh_args, fresh_keywords = copy.deepcopy((args, keywords))
+            probe.keywords = fresh_keywords
+            probe.run(*fresh_args)
+
         dependent = input_dependent_nodes(graph)
         sites = {
             node: _site_add(node, module, dependent, related_inputs=bool(path))
@@ -355,14 +372,14 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         watched = {n for site in sites.values() if site is not None for n in (site.add, site.skip)}
         with torch.no_grad(), model_mode(block, False):
             kept = _SiteProbe(module, graph, None, watched)
-            kept.run(*args)
+            run(kept)
             for node, site in sites.items():
                 name = f"{path}.{node.target}" if path else node.target
                 if site is None:  # not followed by a residual addition: after the add, or off any residual
                     checks.append(SiteCheck(name, "", False, False, False))
                     continue
                 dropped = _SiteProbe(module, graph, node, watched)
-                dropped.run(*args)
+                run(dropped)
                 checks.append(
                     SiteCheck(
                         module=name,

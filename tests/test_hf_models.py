@@ -1,0 +1,240 @@
+"""Hugging Face transformers models built from tiny configs: retrofitted per layer, still the same HF model.
+
+Nothing is downloaded: every model is built from a config written here, with random weights.
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from sdsurgery import (  # noqa: E402
+    RetrofittedBlock,
+    StochasticDepth,
+    apply_stochastic_depth,
+    find_residual_sites,
+    verify,
+)
+
+P_MAX = 0.2
+LAYERS = 3
+VOCAB = 100
+
+
+def _bert():
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=37,
+        max_position_embeddings=64,
+    )
+    return transformers.BertModel(config)
+
+
+def _gpt2():
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=LAYERS, n_head=2, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _llama():
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
+        intermediate_size=37, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def _vit():
+    config = transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+        intermediate_size=37,
+    )
+    return transformers.ViTModel(config)
+
+
+def _swin():
+    config = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=2,
+        drop_path_rate=0.1,
+    )
+    return transformers.SwinModel(config)
+
+
+def _tokens(batch=2, length=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, length // 2:] = 0  # the first sequence is padded
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _pixels(batch=2, seed=0):
+    return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))}
+
+
+# name -> (builder, example inputs, other call forms, the repeated layers holding the residuals)
+MODELS = {
+    "bert": (_bert, _tokens(), [_tokens(3, 5, seed=1), _tokens(2, 11, seed=2)], "encoder.layer.{}"),
+    "gpt2": (_gpt2, _tokens(), [_tokens(3, 5, seed=1), _tokens(2, 11, seed=2)], "transformer.h.{}"),
+    "llama": (_llama, _tokens(), [_tokens(3, 5, seed=1), _tokens(2, 11, seed=2)], "model.layers.{}"),
+    "vit": (_vit, _pixels(), [_pixels(3, seed=1)], "layers.{}"),
+}
+
+
+def _build(name):
+    torch.manual_seed(0)
+    return MODELS[name][0]().eval()
+
+
+def _main_output(output):
+    return output.logits if hasattr(output, "logits") else output.last_hidden_state
+
+
+@pytest.fixture(scope="module")
+def retrofitted():
+    """Each model and its retrofitted copy, built once for the module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model = _build(name)
+            cache[name] = (model, apply_stochastic_depth(model, P_MAX, example_inputs=MODELS[name][1]))
+        return cache[name]
+
+    return get
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_two_sites_per_layer_one_rate_per_layer(name):
+    model = _build(name)
+    sites = find_residual_sites(model, P_MAX, example_inputs=MODELS[name][1])
+    layer = MODELS[name][3]
+    assert len(sites) == 2 * LAYERS
+    for index in range(LAYERS):
+        layer_sites = [s for s in sites if s.block_path.startswith(layer.format(index))]
+        assert [s.depth for s in layer_sites] == [index, index]
+        assert [s.drop_rate for s in layer_sites] == pytest.approx([P_MAX * index / (LAYERS - 1)] * 2)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_verified_and_still_the_same_class(name, retrofitted):
+    model, result = retrofitted(name)
+    assert type(result) is type(model)
+    assert result.config is not model.config and result.config.to_dict() == model.config.to_dict()
+    assert verify(model, result, MODELS[name][1]).ok
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_eval_outputs_equal_on_other_call_forms(name, retrofitted):
+    model, result = retrofitted(name)
+    for inputs in MODELS[name][2]:  # other batch sizes and sequence lengths, other padding
+        with torch.no_grad():
+            assert torch.equal(_main_output(result(**inputs)), _main_output(model(**inputs)))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_train_forward_backward_reaches_every_weight(name, retrofitted):
+    _, result = retrofitted(name)
+    result = copy.deepcopy(result).train()
+    torch.manual_seed(0)
+    _main_output(result(**MODELS[name][1])).float().square().mean().backward()
+    unused = {"pooler.dense.weight", "pooler.dense.bias"}  # BERT's pooler is not on the loss here
+    missing = [n for n, p in result.named_parameters() if p.grad is None and n not in unused]
+    assert missing == []
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_save_pretrained_round_trip(name, retrofitted, tmp_path):
+    model, result = retrofitted(name)
+    assert list(result.state_dict()) == list(model.state_dict())
+    result.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()  # the original class reads the retrofitted weights
+    for key, value in result.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    inputs = MODELS[name][1]
+    with torch.no_grad():
+        assert torch.equal(_main_output(loaded(**inputs)), _main_output(result(**inputs)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_generate_with_cache_equals_the_original(name, retrofitted):
+    model, result = retrofitted(name)
+    prompt = _tokens(1, 4)["input_ids"]
+    expected = model.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    actual = result.generate(prompt, max_new_tokens=6, do_sample=False, use_cache=True)
+    assert torch.equal(actual, expected)
+    assert expected.shape == (1, 10)
+
+
+def test_retrofitted_layers_keep_their_decorators(retrofitted):
+    # BertLayer's forward is wrapped by deprecate_kwarg (past_key_values -> cache) and by transformers'
+    # gradient checkpointing; the retrofitted layer calls its traced forward through both.
+    _, result = retrofitted("bert")
+    layer = result.encoder.layer[0].attention.output
+    assert isinstance(layer, RetrofittedBlock)
+    llama = retrofitted("llama")[1].model.layers[0]
+    assert isinstance(llama, RetrofittedBlock) and llama.block_class.__name__ == "LlamaDecoderLayer"
+    assert getattr(type(llama).forward, "__wrapped__", None) is not None
+
+
+def test_gradient_checkpointing_checkpoints_each_retrofitted_layer(retrofitted):
+    # ViTLayer owns both residuals, so each layer is a RetrofittedBlock behind transformers' checkpointing wrapper.
+    model, result = retrofitted("vit")
+    result = copy.deepcopy(result).train()
+    result.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert all(isinstance(layer, RetrofittedBlock) and layer.gradient_checkpointing for layer in result.layers)
+    calls = []
+    for layer in result.layers:
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, _c=checkpoint, **k: calls.append(1) or _c(*a, **k)
+    torch.manual_seed(0)
+    result(**MODELS["vit"][1]).last_hidden_state.square().mean().backward()
+    assert len(calls) == LAYERS
+    assert all(p.grad is not None for p in result.layers.parameters())
+    # positive control: without checkpointing the wrapper calls nothing
+    calls.clear()
+    result.gradient_checkpointing_disable()
+    result(**MODELS["vit"][1])
+    assert calls == []
+
+
+def test_rates_rise_with_depth_in_a_causal_lm(retrofitted):
+    _, result = retrofitted("llama")
+    rates = [m.p for m in result.modules() if isinstance(m, StochasticDepth)]
+    assert rates == pytest.approx([0.0, 0.0, 0.1, 0.1, 0.2, 0.2])
+
+
+def test_trains_with_the_transformers_trainer(retrofitted, tmp_path):
+    model, result = retrofitted("gpt2")
+    result = copy.deepcopy(result)
+    before = {n: p.detach().clone() for n, p in result.named_parameters()}
+    batch = _tokens(4, 8, seed=3)
+    examples = [{"input_ids": ids, "attention_mask": mask, "labels": ids} for ids, mask in zip(*batch.values())]
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
+        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+    )
+    trainer = transformers.Trainer(model=result, args=arguments, train_dataset=examples)
+    output = trainer.train()
+    assert output.global_step == 2 and torch.isfinite(torch.tensor(output.training_loss))
+    assert trainer.model is result and type(result) is type(model)
+    changed = [n for n, p in result.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert "transformer.h.2.mlp.c_fc.weight" in changed
+    assert sum(isinstance(m, StochasticDepth) for m in result.modules()) == 2 * LAYERS
+
+
+def test_native_drop_path_is_re_rated_not_stacked():
+    # Swin built with drop_path_rate has a SwinDropPath (a drop rate and a training flag, no parameters) on
+    # each attention residual but the first (rate 0: nn.Identity), and none on the MLP residuals.
+    torch.manual_seed(0)
+    model = _swin().eval()
+    result = apply_stochastic_depth(model, P_MAX, example_inputs=_pixels())
+    blocks = [result.encoder.layers[0].blocks[0], *result.encoder.layers[1].blocks]
+    native = [block.drop_path for block in blocks[1:]]
+    assert [type(m).__name__ for m in native] == ["SwinDropPath", "SwinDropPath"]
+    assert [m.drop_prob for m in native] == pytest.approx([0.1, 0.2])  # re-rated to the linear schedule
+    added = [[n for n, m in block.named_children() if isinstance(m, StochasticDepth)] for block in blocks]
+    assert added == [["stochastic_depth", "stochastic_depth_1"], ["stochastic_depth"], ["stochastic_depth"]]
+    assert verify(model, result, _pixels()).ok
