@@ -20,9 +20,9 @@ from .inputs import ExampleInputs, example_call
 from .ops import _check_rate
 from .parts import execution_order, trace_model
 from .repeated import find_repeated_blocks, residuals_left_alone
-from .residuals import ResidualAdd, add_operands, find_residual_adds
+from .residuals import ResidualAdd, add_operands, add_ordinals, find_residual_adds
 from .schedules import Schedule, drop_rates
-from .tracing import ModuleCall, TraceOptions, owner_path
+from .tracing import ModuleCall, TraceOptions
 
 ModuleFilter = Union[str, type[nn.Module]]
 """A module-path glob (``"layer4.*"``) or a module class."""
@@ -174,7 +174,7 @@ def plan_stochastic_depth(
         if id(part) not in found:
             module = model.get_submodule(part.path)
             found[id(part)] = {a.add: a for a in find_residual_adds(part.trace.graph, module, nested=nested)}
-            ordinals[id(part)] = _own_add_ordinals(part.trace.graph)
+            ordinals[id(part)] = add_ordinals(part.trace.graph)
         a = found[id(part)].get(node)
         if a is None:
             continue
@@ -246,20 +246,6 @@ def _describe(node) -> str | None:
     if node is None:
         return None
     return node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
-
-
-def _own_add_ordinals(graph) -> dict:
-    counters: dict[str, int] = {}
-    ordinals = {}
-    for node in graph.nodes:
-        if add_operands(node) is None:
-            continue
-        owner = owner_path(node)
-        if owner is None:
-            continue
-        ordinals[node] = counters.get(owner, 0)
-        counters[owner] = ordinals[node] + 1
-    return ordinals
 
 
 def find_residual_sites(

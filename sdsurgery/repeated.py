@@ -100,13 +100,31 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
         return signatures[path]
 
     counts = Counter(signature(path) for path in holders)
+    compositions: dict[Hashable, set[Hashable]] = {}
+    for path in holders:
+        if path:
+            compositions.setdefault(kind(path), set()).add(signature(path))
+    # A repeated element whose instances differ in composition is a stage of varying depth (SwiftFormer's
+    # stages of 3, 3, 6 and 4 blocks), not a block: runs inside it are stages, never one compound block.
+    blocks_of_one_composition = {e for e in innermost if len(compositions[kind(e)]) == 1}
     compound = {
         path
         for path in runs
         if path not in uniform
         and counts[signature(path)] > 1
-        and any(_is_within(path, e) for e in innermost)
+        and any(_is_within(path, e) for e in blocks_of_one_composition)
     }
+    # Beside stages of repeated blocks, a container of modules of one class is a stage too, even when only
+    # one of them holds a residual (EfficientNet's first stage: a block that changes channels, then one with
+    # a residual; MobileNetV3's first stage of one block).
+    leaf_stages = {s for s in uniform if all(k in innermost for k in children[s])}
+    sibling_stages = [
+        path
+        for run in runs
+        if any(k in leaf_stages for k in children[run])
+        for path in children[run]
+        if path not in leaf_stages and path not in own and _is_stage_of_one_class(model.get_submodule(path))
+    ]
     stages = uniform + [
         path
         for path in runs
@@ -118,6 +136,7 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
             and any(kind(k) in element_kinds for k in children[path])
         )
     ]
+    stages += sibling_stages
     elements = repeated | {k for stage in stages for k in children[stage]}
     blocks = tuple(
         sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements))
@@ -146,6 +165,11 @@ def residuals_left_alone(repeated: RepeatedBlocks, sites: Sequence[tuple[str, in
         if not path or heaviest[path] < heaviest[nearest]:
             alone.add(path)
     return alone
+
+
+def _is_stage_of_one_class(module: nn.Module) -> bool:
+    """Whether ``module`` is a generic container whose children are all of one class."""
+    return isinstance(module, _GENERIC_CONTAINERS) and len({type(child) for child in module.children()}) == 1
 
 
 def _parent(path: str) -> str:

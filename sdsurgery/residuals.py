@@ -26,6 +26,7 @@ of its own is part of that block (:func:`is_sub_block`). docs/residual-rules.md 
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +70,14 @@ def _is_shape_only(node: fx.Node) -> bool:
             return len(node.args) > 1 and node.args[1] in _SHAPE_ONLY_ATTRIBUTES
         return node.target in _SHAPE_ONLY_FUNCTIONS
     return False
+
+
+def _is_shape_derived(node: fx.Node) -> bool:
+    """Whether ``node`` is computed from shape reads alone (a size, a product of sizes), not from values."""
+    if _is_shape_only(node):
+        return True
+    inputs = node.all_input_nodes
+    return node.op in ("call_function", "call_method") and bool(inputs) and all(map(_is_shape_derived, inputs))
 
 
 def input_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
@@ -200,7 +209,8 @@ def branch_nodes(branch: fx.Node, skip: fx.Node) -> set[fx.Node]:
 
 def existing_stochastic_depth(branch: fx.Node, skip: fx.Node, root: nn.Module) -> fx.Node | None:
     """A stochastic-depth call already on the branch's tail, found by walking back from the branch operand
-    through ops with a single non-constant input (layer scale, casts, reshapes), or ``None``."""
+    through ops with a single input that carries values (layer scale, casts, reshapes: sizes read from a
+    tensor's shape, as in ``out.reshape(B, C, H, W)``, do not count), or ``None``."""
     within = branch_nodes(branch, skip)
     node = branch
     while node in within:
@@ -208,7 +218,7 @@ def existing_stochastic_depth(branch: fx.Node, skip: fx.Node, root: nn.Module) -
             return node
         if node.op not in ("call_module", "call_function", "call_method"):
             return None
-        producers = [n for n in node.all_input_nodes if n.op not in ("get_attr",)]
+        producers = [n for n in node.all_input_nodes if n.op != "get_attr" and not _is_shape_derived(n)]
         if len(producers) != 1:
             return None
         node = producers[0]
@@ -236,6 +246,16 @@ class ResidualAdd:
     is not ``block_path`` but a module calling it (``None`` otherwise); '' for the model's own forward."""
 
 
+@dataclass(frozen=True)
+class Merge:
+    """An addition that merges paths forked outside the module holding it (``block_path``): a feature
+    pyramid's top-down sum, a head adding two classifiers, one stream of a multi-stream block added to
+    another. Not a residual."""
+
+    add: fx.Node
+    block_path: str
+
+
 def classify_add(
     node: fx.Node, root: nn.Module, dependent: set[fx.Node], *, related_inputs: bool = False
 ) -> ResidualAdd | None:
@@ -244,6 +264,16 @@ def classify_add(
     ``related_inputs``: the graph is a block's own, called inside a model, so its inputs all derive from the
     model's input and count as one common ancestor (DLA passes a block its projected shortcut).
     """
+    decided = classify_sum(node, root, dependent, related_inputs=related_inputs)
+    return decided if isinstance(decided, ResidualAdd) else None
+
+
+def classify_sum(
+    node: fx.Node, root: nn.Module, dependent: set[fx.Node], *, related_inputs: bool = False
+) -> ResidualAdd | Merge | None:
+    """Like :func:`classify_add`, but a sum of two input-dependent paths with parameters on the longer one
+    that fails only the test of the branch being the block's own computation is returned as a
+    :class:`Merge`."""
     operands = add_operands(node)
     if operands is None:
         return None
@@ -275,6 +305,9 @@ def classify_add(
         if min(cost_a, cost_b) == 0:  # a parameter-free shortcut (nn.Identity, pooling) is an identity skip
             shortcut = "identity"
     on_branch = branch_nodes(branch, skip)
+    branch_parameters = _parameter_count(on_branch, root)
+    if branch_parameters == 0:
+        return None
     # A residual block computes F(x) in its own forward from the value the skip carries: the branch path
     # from the fork lies inside the block. A sum whose longer path runs through other modules merges paths
     # that forked elsewhere (a feature pyramid's top-down sum, a head adding two classifiers, a decoder
@@ -283,17 +316,18 @@ def classify_add(
     path = _downstream(forks, on_branch & dependent) | ({branch} & on_branch)
     scope = _scope(path, block_path)
     if scope is None:
-        return None
+        return Merge(node, block_path)
     # The shortcut may be computed by the module that calls the block (DLA projects it there), not by one
-    # beside them: HRNet's fusion adds a stream made by a transition layer of the model.
+    # beside them: HRNet's fusion adds a stream made by a transition layer of the model. Nor does it pass
+    # through another module's sum of two streams: TNT's patch stream, summed with the pixel stream in the
+    # block before, is a stream of its own, not a shortcut.
     on_skip = value_ancestors(skip) - value_ancestors(branch)
     skip_path = _downstream(forks, on_skip & dependent) | ({skip} & on_skip)
     caller = _caller(node)
     if caller is not None and any(not _inside(n, caller) for n in skip_path):
-        return None
-    branch_parameters = _parameter_count(on_branch, root)
-    if branch_parameters == 0:
-        return None
+        return Merge(node, block_path)
+    if any(_sums_two_values(n, dependent) and not _inside(n, block_path) for n in skip_path):
+        return Merge(node, block_path)
     return ResidualAdd(
         add=node,
         skip=skip,
@@ -306,6 +340,12 @@ def classify_add(
         path_nodes=frozenset(path),
         scope=None if scope == block_path else scope,
     )
+
+
+def _sums_two_values(node: fx.Node, dependent: set[fx.Node]) -> bool:
+    """Whether ``node`` adds two input-dependent values (a residual or a merge, not a bias)."""
+    operands = add_operands(node)
+    return operands is not None and all(isinstance(o, fx.Node) and o in dependent for o in operands)
 
 
 def _scope(path: set[fx.Node], block_path: str) -> str | None:
@@ -375,14 +415,44 @@ def is_sub_block(site: ResidualAdd, others: list[ResidualAdd]) -> bool:
     )
 
 
+def add_ordinals(graph: fx.Graph) -> dict[fx.Node, int]:
+    """Each addition's index among the additions written in the forward of the module that holds it."""
+    counters: dict[str, int] = {}
+    ordinals = {}
+    for node in graph.nodes:
+        owner = owner_path(node) if add_operands(node) is not None else None
+        if owner is not None:
+            ordinals[node] = counters.get(owner, 0)
+            counters[owner] = ordinals[node] + 1
+    return ordinals
+
+
+def merges_of_one_class(decided: list[ResidualAdd | Merge], graph: fx.Graph, root: nn.Module) -> set[fx.Node]:
+    """The additions of ``decided`` that are merges in some module of their holder's class: the same line
+    of code in every module of a class whose forward writes as many additions. A multi-stream block (TNT's
+    pixel and patch streams) shows its merge as one only where the streams fork in another block; in the
+    first block they fork in the model's stem, in the last the merged stream ends there."""
+    ordinals = add_ordinals(graph)
+    counts = Counter(owner_path(node) for node in ordinals)
+
+    def line(d: ResidualAdd | Merge) -> tuple:
+        return type(root.get_submodule(d.block_path)), counts[d.block_path], ordinals[d.add]
+
+    merged = {line(d) for d in decided if isinstance(d, Merge)}
+    return {d.add for d in decided if line(d) in merged}
+
+
 def find_residual_adds(graph: fx.Graph, root: nn.Module, *, nested: bool = False) -> list[ResidualAdd]:
     """All residual additions of ``graph`` (traced from ``root``) in execution order.
 
+    An addition that merges paths in another module of its class is no residual (:func:`merges_of_one_class`).
     With ``nested=False`` an addition nested in another residual's branch (:func:`is_nested`) or part of an
     enclosing block (:func:`is_sub_block`) is left out.
     """
     dependent = input_dependent_nodes(graph)
-    found = [site for node in graph.nodes if (site := classify_add(node, root, dependent)) is not None]
+    decided = [d for node in graph.nodes if (d := classify_sum(node, root, dependent)) is not None]
+    merges = merges_of_one_class(decided, graph, root)
+    found = [d for d in decided if isinstance(d, ResidualAdd) and d.add not in merges]
     if nested:
         return found
     trunk = [site for site in found if not is_nested(site, found, dependent)]

@@ -123,3 +123,28 @@ def test_segmentation_models_pytorch_efficientnet_drop_connect_is_re_rated():
     assert len(_stochastic_depth_modules(retrofitted)) == 9
     report = verify(encoder, retrofitted, images)
     assert report.ok, report.summary()
+
+
+class ReshapedDropPathBlock(nn.Module):
+    """NextViT's attention residual: drop path on the token layout, then a reshape with sizes read from the
+    input's shape before the addition."""
+
+    def __init__(self, c=4, rate=0.1):
+        super().__init__()
+        self.attn = nn.Linear(c, c)
+        self.drop_path = HubDropPath(rate)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        out = self.drop_path(self.attn(x.reshape(B, C, -1).transpose(-1, -2)))
+        return x + out.transpose(-1, -2).reshape(B, C, H, W)
+
+
+def test_existing_drop_path_behind_a_reshape_by_read_sizes_is_re_rated_not_stacked():
+    model = nn.Sequential(ReshapedDropPathBlock(), ReshapedDropPathBlock())
+    x = torch.randn(2, 4, 3, 3)
+    sites = find_residual_sites(model, 0.2, example_inputs=x)
+    assert [(s.block_path, s.existing) for s in sites] == [("0", "0.drop_path"), ("1", "1.drop_path")]
+    retrofitted = apply_stochastic_depth(model, 0.2, example_inputs=x)
+    assert _stochastic_depth_modules(retrofitted) == ["0.drop_path", "1.drop_path"]  # no second one beside it
+    assert [retrofitted[i].drop_path.p for i in range(2)] == [0.0, 0.2]

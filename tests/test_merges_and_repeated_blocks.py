@@ -480,3 +480,191 @@ def test_retrofit_with_residuals_left_alone_verifies():
     retrofitted = apply_stochastic_depth(model, 0.2, example_inputs=IMAGE)
     report = verify(model, retrofitted, IMAGE)
     assert report.ok and len(report.sites) == 3
+
+
+# A stream merge in a multi-stream block (TNT's pixel stream summed into its patch stream).
+
+
+class TwoStreamBlock(nn.Module):
+    """A residual on each stream, and the pixel stream added into the patch stream between them."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.inner = nn.Linear(c, c)
+        self.proj = nn.Linear(c, c)
+        self.outer = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+
+    def forward(self, pixel, patch):
+        pixel = pixel + self.inner(pixel)
+        patch = patch + self.proj(pixel)
+        return pixel, patch + self.outer(patch)
+
+
+class TwoStreamNet(nn.Module):
+    def __init__(self, depth=3, c=4):
+        super().__init__()
+        self.embed = nn.Linear(c, c)
+        self.to_patch = nn.Linear(c, c)
+        self.blocks = nn.ModuleList(TwoStreamBlock(c) for _ in range(depth))
+
+    def forward(self, x):
+        pixel = self.embed(x)
+        patch = self.to_patch(pixel)
+        for block in self.blocks:
+            pixel, patch = block(pixel, patch)
+        return patch
+
+
+TOKENS = torch.randn(2, 5, 4)
+
+
+def test_stream_merge_is_no_site_in_any_block_of_its_class():
+    # In the middle blocks the streams fork in the block before: a merge. The first block's streams fork in
+    # the model's stem, and the last block's pixel stream ends in the merge; the same line of the same class
+    # is a merge there too, and the last block's pixel residual is a trunk residual of its own.
+    plan = plan_stochastic_depth(TwoStreamNet(), 0.2, example_inputs=TOKENS)
+    assert [(s.block_path, s.add, s.depth) for s in plan.sites] == [
+        ("blocks.0", "add", 0), ("blocks.0", "add_2", 0),
+        ("blocks.1", "add_3", 1), ("blocks.1", "add_5", 1),
+        ("blocks.2", "add_6", 2), ("blocks.2", "add_8", 2),
+    ]
+
+
+class ProjectedShortcutBlock(nn.Module):
+    """DLA's block: ``shortcut + F(x)`` with the shortcut projected and passed in by the caller."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x, shortcut):
+        return shortcut + self.f(x)
+
+
+class Tree(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.project = nn.Conv2d(c, c, 1)
+        self.block = ProjectedShortcutBlock(c)
+
+    def forward(self, x):
+        return self.block(x, self.project(x))
+
+
+def test_shortcut_projected_by_the_caller_stays_a_site():
+    # Positive control for the stream merge: two block inputs, the shortcut made from the branch's input by
+    # the calling module without any sum on its way, is a projection residual.
+    sites = find_residual_sites(nn.Sequential(Tree(), Tree()), example_inputs=IMAGE)
+    assert [s.block_path for s in sites] == ["0.block", "1.block"]
+
+
+def test_tnt_retrofit_trains_like_timms_native_drop_path():
+    config = dict(img_size=32, patch_size=16, embed_dim=32, inner_dim=8, depth=3, num_heads_inner=2,
+                  num_heads_outer=2, num_classes=5)
+    torch.manual_seed(0)
+    plain = timm.create_model("tnt_s_patch16_224", **config)
+    native = timm.create_model("tnt_s_patch16_224", drop_path_rate=0.5, **config)
+    native.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    plan = plan_stochastic_depth(plain, 0.5, example_inputs=x)
+    assert (len(plan.sites), plan.num_blocks) == (12, 3)  # timm's four drop paths per block
+    retrofitted = apply_stochastic_depth(plain, 0.5, example_inputs=x, verify=False)
+    torch.testing.assert_close(_train_outputs(retrofitted, x), _train_outputs(native, x))
+    assert not torch.allclose(_train_outputs(plain, x), _train_outputs(native, x))  # drops did happen
+
+
+# Stages of varying depth and composition (SwiftFormer): each block is a unit, not the stage.
+
+
+class VaryingStage(nn.Module):
+    """A stage of convolution blocks ending in an attention block."""
+
+    def __init__(self, convs, c=4):
+        super().__init__()
+        self.blocks = nn.Sequential(*(Res(c) for _ in range(convs)), Attention(c))
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_stages_of_varying_composition_number_each_block():
+    # Stages 0 and 1 share a composition (one convolution block, one attention block), stage 2 does not: the
+    # stage is the repeated element, not a compound block, so each of its blocks keeps an index.
+    model = nn.Sequential(VaryingStage(1), VaryingStage(1), VaryingStage(2))
+    plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
+    assert plan.repeated_blocks == ("0.blocks.0", "0.blocks.1", "1.blocks.0", "1.blocks.1", "2.blocks.0",
+                                    "2.blocks.1", "2.blocks.2")
+    assert [s.depth for s in plan.sites] == [0, 1, 1, 2, 3, 3, 4, 5, 6, 6]
+
+
+def test_swiftformer_retrofit_trains_like_timms_native_drop_path():
+    config = dict(layers=(2, 2, 3, 2), embed_dims=(8, 16, 24, 32), num_classes=5, layer_scale_init_value=1.0)
+    torch.manual_seed(0)
+    plain = timm.create_model("swiftformer_xs", **config)
+    native = timm.create_model("swiftformer_xs", drop_path_rate=0.5, **config)
+    native.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert plan_stochastic_depth(plain, 0.5, example_inputs=x).num_blocks == 9  # one per block, as timm
+    retrofitted = apply_stochastic_depth(plain, 0.5, example_inputs=x, verify=False)
+    torch.testing.assert_close(_train_outputs(retrofitted, x), _train_outputs(native, x))
+    assert not torch.allclose(_train_outputs(plain, x), _train_outputs(native, x))  # drops did happen
+
+
+# A stage whose first block has no residual (EfficientNet, MobileNet: the first block changes channels).
+
+
+class MaybeResidual(nn.Module):
+    """An inverted-residual-like block: a residual only when channels and resolution stay."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.has_skip = cin == cout
+        self.f = nn.Sequential(nn.Conv2d(cin, 4 * cin, 1), nn.ReLU(), nn.Conv2d(4 * cin, cout, 1))
+
+    def forward(self, x):
+        return x + self.f(x) if self.has_skip else self.f(x)
+
+
+class Depthwise(nn.Module):
+    """A lighter block class, used in the first stage only (EfficientNet's depthwise-separable block)."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.has_skip = cin == cout
+        self.dw = nn.Conv2d(cin, cin, 3, padding=1, groups=cin)
+        self.pw = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x):
+        return x + self.pw(self.dw(x)) if self.has_skip else self.pw(self.dw(x))
+
+
+def _mobile_net(first_stage):
+    stages = [first_stage, nn.Sequential(MaybeResidual(4, 6), MaybeResidual(6, 6), MaybeResidual(6, 6)),
+              nn.Sequential(MaybeResidual(6, 8), MaybeResidual(8, 8))]
+    return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(*stages))
+
+
+def test_first_stage_of_one_block_class_counts_though_its_first_block_has_no_residual():
+    model = _mobile_net(nn.Sequential(Depthwise(4, 4), Depthwise(4, 4)))
+    plan = plan_stochastic_depth(model, 0.3, example_inputs=IMAGE)
+    assert plan.repeated_blocks == ("1.0.0", "1.0.1", "1.1.1", "1.1.2", "1.2.1") and plan.left_alone == []
+    model = _mobile_net(nn.Sequential(Depthwise(4, 3), Depthwise(3, 4)))  # no residual in the first stage
+    model[1][0][1] = Depthwise(4, 4)
+    plan = plan_stochastic_depth(model, 0.3, example_inputs=IMAGE)
+    assert plan.repeated_blocks == ("1.0.1", "1.1.1", "1.1.2", "1.2.1") and plan.num_blocks == 4
+
+
+def test_a_light_residual_in_a_container_of_several_classes_beside_the_stages_stays_alone():
+    # Negative control: a stem of a convolution and a depthwise residual is no stage of blocks.
+    model = _mobile_net(nn.Sequential(nn.Conv2d(4, 4, 1), Depthwise(4, 4)))
+    plan = plan_stochastic_depth(model, 0.3, example_inputs=IMAGE)
+    assert plan.left_alone == ["1.0.1"] and plan.num_blocks == 3
+
+
+def test_efficientnet_first_stage_block_with_a_residual_is_rated_as_in_timm():
+    model = timm.create_model("efficientnet_b1")
+    plan = plan_stochastic_depth(model, 0.1, example_inputs=torch.randn(1, 3, 64, 64))
+    residual_blocks = tuple(
+        sorted(p for p, m in model.blocks.named_modules(prefix="blocks") if getattr(m, "has_skip", False))
+    )
+    assert "blocks.0.1" in residual_blocks and plan.repeated_blocks == residual_blocks and plan.left_alone == []
