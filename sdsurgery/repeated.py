@@ -10,12 +10,16 @@ from the module tree and from where the residual sites lie, never from a family 
 * a **repeated element** is a child of a run that repeats its kind, or any module of such a kind elsewhere
   (a stage of depth one, such as RegNet's first stages, repeats nothing itself but holds the same block);
 * a **compound block** is a run of children of several kinds that lies inside a repeated element holding no
-  other repeated element, and whose composition (the kinds of its children, recursively) occurs more than
-  once in the model: MaxViT's MBConv, block attention and grid attention, DaViT's spatial and channel pair;
+  other repeated element, every element of that kind having one composition, and whose composition (the
+  kinds of its children, recursively) occurs more than once in the model: MaxViT's MBConv, block attention
+  and grid attention, DaViT's spatial and channel pair. Elements of one kind that differ in composition are
+  stages of varying depth (SwiftFormer's), so runs inside them are stages;
 * a run of several kinds that is no compound block is a **stage** too, and its children are repeated
   elements, when it lies inside a repeated element holding no other one (iFormer's last stage), or when it
   is a generic container some of whose children are of a repeated kind (hybrid stages: NextViT's and
   EdgeNeXt's convolution and transformer blocks, MobileNetV5);
+* beside stages of blocks, a generic container of children of one class is a stage, even when only one
+  child holds a residual (EfficientNet's first stage: a block changing channels, then a residual one);
 * the **repeated blocks** are the innermost repeated elements: those holding no other repeated element.
 
 A module's *kind* is its class; for a generic container (``nn.Sequential``, ``nn.ModuleList``,

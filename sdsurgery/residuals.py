@@ -11,7 +11,9 @@ An addition is a residual site when
     operand position,
   * the branch's path from the fork lies in the forward of the module that holds the addition: a sum whose
     longer path runs through other modules merges paths that forked elsewhere (a feature pyramid's top-down
-    sum, a head adding two classifiers, a decoder adding an encoder feature) and is no residual. The one
+    sum, a head adding two classifiers, a decoder adding an encoder feature) and is no residual; nor is a sum
+    whose skip comes through another module's sum of two streams (TNT's stream merge). A merge in one module
+    of a class is a merge in all of them (:func:`merges_of_one_class`). The one
     exception is decided by the planner: a module that adds what its caller passes it (BERT's ``BertOutput``
     adds ``dense(hidden_states) + input_tensor``) is a residual when the module whose forward holds the whole
     path (its ``scope``) lies inside a repeated block (see :mod:`.repeated`),
@@ -431,7 +433,7 @@ def merges_of_one_class(decided: list[ResidualAdd | Merge], graph: fx.Graph, roo
     """The additions of ``decided`` that are merges in some module of their holder's class: the same line
     of code in every module of a class whose forward writes as many additions. A multi-stream block (TNT's
     pixel and patch streams) shows its merge as one only where the streams fork in another block; in the
-    first block they fork in the model's stem, in the last the merged stream ends there."""
+    first block they fork in the model's stem, where one stream is a projection of the other."""
     ordinals = add_ordinals(graph)
     counts = Counter(owner_path(node) for node in ordinals)
 

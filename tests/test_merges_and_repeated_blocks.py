@@ -519,9 +519,9 @@ TOKENS = torch.randn(2, 5, 4)
 
 
 def test_stream_merge_is_no_site_in_any_block_of_its_class():
-    # In the middle blocks the streams fork in the block before: a merge. The first block's streams fork in
-    # the model's stem, and the last block's pixel stream ends in the merge; the same line of the same class
-    # is a merge there too, and the last block's pixel residual is a trunk residual of its own.
+    # In the later blocks the streams fork in the block before: a merge. The first block's streams fork in
+    # the model's stem, the patch stream a projection of the pixel stream; the same line of the same class
+    # is a merge there too. The last block's pixel residual, which feeds only that merge, stays a site.
     plan = plan_stochastic_depth(TwoStreamNet(), 0.2, example_inputs=TOKENS)
     assert [(s.block_path, s.add, s.depth) for s in plan.sites] == [
         ("blocks.0", "add", 0), ("blocks.0", "add_2", 0),
