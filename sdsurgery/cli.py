@@ -3,6 +3,7 @@ verified checkpoint, ``verify`` a written checkpoint again.
 
 Library code raises exceptions; only this module turns them into one line on stderr and an exit status:
 0 success, 1 bad input or failed check, 2 usage error. ``--debug`` re-raises instead, with the traceback.
+torch and the pass are imported when a command runs, so ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations
@@ -14,19 +15,18 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .choices import CHECKPOINT_FORMATS, MODES, SCHEDULES
+from .errors import SurgeryError, VerificationError, first_line
 
-from .checkpoint import FORMATS, SurgeryOptions, check_destination, checkpoint_for, read, save
-from .errors import SurgeryError, VerificationError
-from .models import BuildOptions, ModelSpec, build_model, load_weights, parse_model_spec
-from .ops import MODES
-from .plan import SurgeryPlan, no_sites_error, plan_stochastic_depth
-from .schedules import SCHEDULES
-from .surgery import apply_stochastic_depth
-from .verify import VerificationReport, default_example_inputs, verify
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .plan import SurgeryPlan
+    from .specs import BuildOptions, ModelSpec
+    from .verification import VerificationReport
 
 PROG = "sdsurgery"
 _UNTRACED_WARNING = "sdsurgery kept these modules"  # the site table already lists them
@@ -149,12 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     apply.add_argument("--p-max", type=_rate, required=True, metavar="P", help="deepest block's rate, in [0, 1)")
     apply.add_argument("--schedule", type=_schedule, default="linear", metavar="S", help=schedule_help)
-    apply.add_argument("--mode", choices=MODES, default="row", help="one draw per sample (row) or per batch")
+    apply.add_argument("--mode", choices=MODES, default="row",
+                       help="one draw per sample (row, default); one per block per batch, a dropped block not "
+                            "computed (batch); or the block run on a random subset of the batch (subset)")
     apply.add_argument("--input-size", type=_input_size, metavar="C,H,W",
                        help="input shape to verify on (default: the model's known input size)")
     apply.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint file to write")
     apply.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    apply.add_argument("--format", choices=FORMATS, default="state_dict",
+    apply.add_argument("--format", choices=CHECKPOINT_FORMATS, default="state_dict",
                        help="state_dict (default, loads with weights_only=True) or pickle (the whole module)")
     apply.set_defaults(run=_apply)
 
@@ -239,6 +241,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from .checkpoint import SurgeryOptions, check_destination, checkpoint_for, save
+    from .surgery import apply_plan
+
     output = Path(args.output)
     check_destination(output, force=args.force)  # fail before the slow part; save checks again atomically
     spec, build, model = _source_model(args)
@@ -250,9 +255,7 @@ def _apply(args: argparse.Namespace) -> int:
     print()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_UNTRACED_WARNING)
-        retrofitted = apply_stochastic_depth(
-            model, args.p_max, schedule=_schedule_arg(args.schedule), mode=args.mode, verify=False
-        )
+        retrofitted = apply_plan(model, plan, mode=args.mode, verify=False)
     report = _check(model, retrofitted, inputs, spec)
     print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
@@ -267,6 +270,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .checkpoint import read
+
     path = Path(args.checkpoint)
     checkpoint = read(path, trust_pickle=args.trust_pickle)
     options = f" ({checkpoint.build.describe()})" if checkpoint.build.describe() else ""
@@ -290,6 +295,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _source_model(args: argparse.Namespace) -> tuple[ModelSpec, BuildOptions, nn.Module]:
+    from .specs import BuildOptions, build_model, parse_model_spec
+    from .weights import load_weights
+
     spec = parse_model_spec(args.model)
     build = BuildOptions(num_classes=args.num_classes, model_args=dict(args.model_arg))
     model = build_model(spec, build, trust_pickle=args.trust_pickle)
@@ -300,12 +308,10 @@ def _source_model(args: argparse.Namespace) -> tuple[ModelSpec, BuildOptions, nn
     return spec, build, model
 
 
-def _schedule_arg(schedule: str | tuple[float, ...]) -> str | list[float]:
-    return schedule if isinstance(schedule, str) else list(schedule)
-
-
 def _plan(spec: ModelSpec, model: nn.Module, p_max: float, schedule: str | tuple[float, ...]) -> SurgeryPlan:
-    plan = plan_stochastic_depth(model, p_max, schedule=_schedule_arg(schedule))
+    from .plan import no_sites_error, plan_stochastic_depth
+
+    plan = plan_stochastic_depth(model, p_max, schedule=schedule)
     if not plan.sites:
         raise no_sites_error(f"{spec} ({type(model).__name__})", plan)
     return plan
@@ -316,6 +322,10 @@ def _example_inputs(
 ) -> tuple[tuple[torch.Tensor, ...] | dict[str, Any], tuple[int, ...] | None]:
     """Example inputs and the per-sample input size to record (``None`` for keyword inputs made from a
     Hugging Face model's config, which the checkpoint's config makes again)."""
+    import torch
+
+    from .inputs import default_example_inputs
+
     if input_size is not None:
         if spec.source == "hf":
             raise CliError(f"--input-size does not apply to {spec}: its example inputs come from its config")
@@ -337,12 +347,14 @@ def _describe_inputs(inputs: tuple[torch.Tensor, ...] | dict[str, Any]) -> str:
 
 
 def _check(original: nn.Module, retrofitted: nn.Module, inputs: tuple | dict[str, Any], spec: ModelSpec) -> VerificationReport:
+    from .verification import verify
+
     try:
         return verify(original, retrofitted, inputs)
     except RuntimeError as error:  # the model cannot run on this input: say so instead of a torch traceback
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CliError(
-            f"{spec} does not run on {_describe_inputs(inputs)} ({first}): pass an --input-size it accepts"
+            f"{spec} does not run on {_describe_inputs(inputs)} ({first_line(error)}): pass an --input-size it "
+            "accepts"
         ) from error
 
 
@@ -434,7 +446,7 @@ def _plan_document(spec: ModelSpec, args: argparse.Namespace, plan: SurgeryPlan)
     return {
         "model": str(spec),
         "p_max": args.p_max,
-        "schedule": _schedule_arg(args.schedule),
+        "schedule": args.schedule if isinstance(args.schedule, str) else list(args.schedule),
         **_totals(plan),
         "sites": [
             {

@@ -2,7 +2,7 @@
 
 ``example_inputs`` is one tensor (``model(x)``), a tuple of positional arguments (``model(*args)``) or a dict
 of keyword arguments (``model(**kwargs)``, how Hugging Face models are called). :func:`as_call` turns any of
-them into an :class:`ExampleCall`; planning (:mod:`.plan`, :mod:`.parts`) and verification (:mod:`.verify`)
+them into an :class:`ExampleCall`; planning (:mod:`.plan`, :mod:`.parts`) and verification (:mod:`.verification`)
 call the model only through it.
 """
 

@@ -15,14 +15,14 @@ from typing import Any, Union
 
 from torch import nn
 
+from .choices import ShortcutKind, check_rate
 from .errors import NoResidualSitesError
 from .inputs import ExampleInputs, example_call
-from .ops import _check_rate
 from .parts import execution_order, trace_model
 from .repeated import find_repeated_blocks, residuals_left_alone
 from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .schedules import Schedule, drop_rates
-from .tracing import ModuleCall, TraceOptions, owner_path
+from .tracing import ModuleCall, TraceOptions, join_path, owner_path
 
 ModuleFilter = Union[str, type[nn.Module]]
 """A module-path glob (``"layer4.*"``) or a module class."""
@@ -43,7 +43,7 @@ class ResidualSite:
     add: str
     branch: str
     skip: str
-    shortcut: str
+    shortcut: ShortcutKind
     depth: int
     drop_rate: float
     existing: str | None = None
@@ -131,10 +131,6 @@ def _matches(path: str, module: nn.Module, filters: Sequence[ModuleFilter]) -> b
     )
 
 
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
-
-
 def plan_stochastic_depth(
     model: nn.Module,
     p_max: float,
@@ -160,7 +156,7 @@ def plan_stochastic_depth(
     traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The
     model is not changed.
     """
-    _check_rate(p_max)
+    check_rate(p_max)
     call = example_call(model, example_inputs)
     options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
     traced = trace_model(model, options, call)
@@ -177,7 +173,7 @@ def plan_stochastic_depth(
         a = found[id(part)].get(node)
         if a is None:
             continue
-        path = _join(part.path, a.block_path)
+        path = join_path(part.path, a.block_path)
         candidates.append((path, a, ordinals[id(part)][node]))
         part_depth = part.path.count(".") + 1 if part.path else 0
         call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
@@ -253,27 +249,14 @@ def _own_add_ordinals(graph) -> dict:
     return ordinals
 
 
-def find_residual_sites(
-    model: nn.Module,
-    p_max: float = 0.1,
-    *,
-    schedule: Schedule = "linear",
-    nested: bool = False,
-    include: Sequence[ModuleFilter] | None = None,
-    exclude: Sequence[ModuleFilter] = (),
-    leaf_modules: Iterable[type[nn.Module]] = (),
-    autowrap_functions: Iterable[Callable[..., Any]] = (),
-    example_inputs: ExampleInputs | None = None,
-) -> ResidualSites:
+def find_residual_sites(model: nn.Module, p_max: float = 0.1, **options: Any) -> ResidualSites:
     """The residual sites of ``model`` with their depth and planned rate, without changing anything.
 
-    Same arguments as :func:`apply_stochastic_depth`; see :func:`plan_stochastic_depth`. The result is a list
-    of :class:`ResidualSite` whose ``untraced`` attribute names the modules that did not trace (and why); a
-    warning names them too, as :func:`apply_stochastic_depth` does.
+    Takes the keyword options of :func:`plan_stochastic_depth` (the planning options of
+    :func:`apply_stochastic_depth`). The result is a list of :class:`ResidualSite` whose ``untraced``
+    attribute names the modules that did not trace (and why); a warning names them too, as
+    :func:`apply_stochastic_depth` does.
     """
-    plan = plan_stochastic_depth(
-        model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
-    )
+    plan = plan_stochastic_depth(model, p_max, **options)
     warn_untraced(plan.untraced)
     return ResidualSites(plan.sites, plan.untraced)

@@ -13,7 +13,7 @@ import sdsurgery
 from cli_tiny_models import TinyResidual
 from sdsurgery import checkpoint
 from sdsurgery.checkpoint import CheckpointError, SurgeryOptions
-from sdsurgery.models import BuildOptions, ModelSpec, ModelSpecError
+from sdsurgery.specs import BuildOptions, ModelSpec, ModelSpecError
 
 SPEC = ModelSpec("timm", "test_resnet")
 BUILD = BuildOptions(num_classes=5)
@@ -184,7 +184,7 @@ def test_a_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
 
 def test_a_checkpoint_works_as_a_weights_file(tmp_path: Path, saved: tuple[Path, torch.nn.Module], source_model) -> None:
     fresh = timm.create_model("test_resnet", pretrained=False, num_classes=5)
-    sdsurgery.models.load_weights(fresh, saved[0], target="timm:test_resnet")
+    sdsurgery.weights.load_weights(fresh, saved[0], target="timm:test_resnet")
     assert torch.equal(eval_output(fresh), eval_output(source_model))
 
 

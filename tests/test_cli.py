@@ -27,7 +27,7 @@ import torchvision
 import sdsurgery
 from cli_tiny_models import Noisy, TinyResidual, Untraceable
 from sdsurgery import checkpoint
-from sdsurgery.models import ModelSpec
+from sdsurgery.specs import ModelSpec
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -14,7 +14,7 @@ import sdsurgery
 from cli_tiny_models import HalfTraceable, Noisy, TinyResidual, WithLightDownsample
 from sdsurgery import checkpoint
 from sdsurgery.cli import main
-from sdsurgery.models import ModelSpec, ModelSpecError
+from sdsurgery.specs import ModelSpec, ModelSpecError
 
 TRUST = ["--trust-pickle", "--input-size", "3,8,8"]
 

@@ -17,7 +17,7 @@ from sdsurgery import (
     verify,
 )
 from sdsurgery.inputs import ExampleCall, as_call
-from sdsurgery.verify import compare_outputs, output_leaves
+from sdsurgery.verification import compare_outputs, output_leaves
 
 X = torch.randn(2, 8)
 

@@ -1,4 +1,4 @@
-"""Model specs, building with random weights, and reading weight files (:mod:`sdsurgery.models`)."""
+"""Model specs, building with random weights, and reading weight files (:mod:`sdsurgery.specs`, :mod:`sdsurgery.weights`)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,12 @@ import torch
 import torchvision
 
 from cli_tiny_models import TinyResidual
-from sdsurgery.models import (
-    BuildOptions,
-    ModelSpec,
-    ModelSpecError,
+from sdsurgery.specs import BuildOptions, ModelSpec, ModelSpecError, build_model, load_pickled_model, parse_model_spec
+from sdsurgery.weights import (
     PickledObjectsError,
     WeightsError,
-    build_model,
     extract_state_dict,
-    load_pickled_model,
     load_weights,
-    parse_model_spec,
     read_tensor_file,
     strip_wrapper_prefixes,
 )

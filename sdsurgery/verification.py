@@ -19,10 +19,12 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .errors import VerificationError
+from .errors import VerificationError, first_line
 from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode
 from .ops import StochasticDepth, is_stochastic_depth_op, set_drop_rate_of, stochastic_depth_functions_off
 from .residuals import ResidualAdd, add_operands, classify_add, input_dependent_nodes
+from .rewrite import RetrofittedBlock
+from .tracing import join_path
 
 
 def output_leaves(output: Any) -> dict[str, Any]:
@@ -218,10 +220,9 @@ def _retrofitted_run(what: str, run: Any) -> Any:
     try:
         return run()
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise VerificationError(
             f"the retrofitted model raised {type(error).__name__} {what} on the example inputs, where the original "
-            f"runs: {reason}"
+            f"runs: {first_line(error)}"
         ) from error
 
 
@@ -242,8 +243,7 @@ def _train_diff_at_rate_zero(
     try:
         expected = _train_outputs(original, call, seed)
     except Exception as error:  # not a train-mode call form of this model (a detector wants targets)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return None, f"the original raises in train mode on these inputs: {reason}"
+        return None, f"the original raises in train mode on these inputs: {first_line(error)}"
     actual = _retrofitted_run("in train mode", lambda: _train_outputs(retrofitted, call, seed))
     return compare_outputs(expected, actual).max_abs_diff, None
 
@@ -328,8 +328,6 @@ def _block_calls(model: nn.Module, blocks: dict[str, nn.Module], run: Any) -> di
 
 
 def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
-    from .rewrite import RetrofittedBlock
-
     # Each block's arguments are taken from a train-mode run at rate 0, the mode its graphs serve (in eval a
     # model may call its blocks another way: torch's encoder passes nested tensors); from an eval run when
     # the model does not run in train mode on these inputs.
@@ -374,7 +372,7 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
             kept = _SiteProbe(module, graph, None, watched)
             run(kept)
             for node, site in sites.items():
-                name = f"{path}.{node.target}" if path else node.target
+                name = join_path(path, node.target)
                 if site is None:  # not followed by a residual addition: after the add, or off any residual
                     checks.append(SiteCheck(name, "", False, False, False))
                     continue
