@@ -115,6 +115,12 @@ def test_exclude_by_class_drops_matching_blocks():
     assert find_residual_sites(model, exclude=[torchvision.models.resnet.Bottleneck]) == []
 
 
+def test_exclude_by_another_class_keeps_every_block():
+    model = torchvision.models.resnet50()
+    sites = find_residual_sites(model, exclude=[torchvision.models.resnet.BasicBlock])
+    assert [s.block_path for s in sites] == [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)]
+
+
 def test_uniform_schedule(resnet):
     assert {p for p, _ in _rates(apply_stochastic_depth(resnet, 0.1, schedule="uniform")).values()} == {0.1}
 
