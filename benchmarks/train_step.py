@@ -284,7 +284,7 @@ def bench_timm(args: argparse.Namespace) -> None:
         for v in variants:
             v.model.train()
             v.optimizer = _sgd(v.model)
-        t = round_robin(variants, lambda v: _train_step(v, x, y), args.timm_steps, args.warmup)
+        t = round_robin(variants, lambda v, x=x, y=y: _train_step(v, x, y), args.timm_steps, args.warmup)
         for v in variants:
             rows.append((
                 name, v.name, f"{t.median(v.name) * 1e3:.0f}", f"{t.ratio(v.name, reference):.3f}",
@@ -309,7 +309,7 @@ def bench_eval(args: argparse.Namespace) -> None:
             retrofitted = sdsurgery.apply_stochastic_depth(original, 0.1, mode=mode, example_inputs=x[:2])
             variants.append(Variant(mode, retrofitted.eval()))
 
-        def forward(v: Variant) -> None:
+        def forward(v: Variant, x: torch.Tensor = x) -> None:
             with torch.no_grad():
                 v.model(x)
 

@@ -884,7 +884,7 @@ def _hf_tables(rows: list[Row]) -> list[str]:
         cells = [r.family, r.model, r.params_m, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
                  r.surgery_s, r.total_s, r.reason]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _miss(row: Row) -> str:

@@ -283,7 +283,7 @@ def _verify(args: argparse.Namespace) -> int:
         retrofitted = checkpoint.model(trust_pickle=args.trust_pickle)
     else:
         retrofitted = checkpoint.retrofit(original)
-    inputs, input_size = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
+    inputs, _ = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
     report = _check(original, retrofitted, inputs, checkpoint.source)
     print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:

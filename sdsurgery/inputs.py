@@ -12,13 +12,13 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-ExampleInputs = Union[torch.Tensor, tuple, Mapping[str, Any]]
+ExampleInputs = torch.Tensor | tuple | Mapping[str, Any]
 """One input tensor, a tuple of positional inputs, or a dict of keyword inputs."""
 
 

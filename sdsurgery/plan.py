@@ -11,7 +11,7 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
@@ -24,7 +24,7 @@ from .residuals import ResidualAdd, add_operands, find_residual_adds
 from .schedules import Schedule, drop_rates
 from .tracing import ModuleCall, TraceOptions, join_path, owner_path
 
-ModuleFilter = Union[str, type[nn.Module]]
+ModuleFilter = str | type[nn.Module]
 """A module-path glob (``"layer4.*"``) or a module class."""
 
 

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from .choices import SCHEDULES, check_rate
 
-Schedule = Union[str, Sequence[float], Callable[[int, int], float]]
+Schedule = str | Sequence[float] | Callable[[int, int], float]
 """``"linear"``, ``"uniform"``, an explicit list of per-block rates, or ``f(index, num_blocks) -> rate``."""
 
 

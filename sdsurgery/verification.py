@@ -272,9 +272,7 @@ class _SiteProbe(fx.Interpreter):
         self.dropped = dropped
         self.watched = watched
         self.values: dict[fx.Node, torch.Tensor] = {}
-
-    keywords: dict[str, Any] = {}
-    """The call's extra keywords, for a forward that takes ``**kwargs``."""
+        self.keywords: dict[str, Any] = {}  # the call's extra keywords, for a forward that takes **kwargs
 
     def placeholder(self, target: str, args: tuple, kwargs: dict) -> Any:
         if target.startswith("**"):  # fx's interpreter only hands positional arguments on
@@ -432,7 +430,8 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
         keywords = bound.kwargs  # a forward's **kwargs
 
-        def run(probe: _SiteProbe) -> None:  # on fresh copies: a run may update state it is passed (a cache)
+        # On fresh copies: a run may update state it is passed (a cache).
+        def run(probe: _SiteProbe, args: tuple = args, keywords: dict = keywords) -> None:
             fresh_args, fresh_keywords = copy.deepcopy((args, keywords))
             probe.keywords = fresh_keywords
             probe.run(*fresh_args)

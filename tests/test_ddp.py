@@ -45,7 +45,7 @@ def _train(rank: int, world: int, port: int, out_dir: str) -> None:
             )
             ran = []  # which blocks computed their branch, step by step
             for i, block in enumerate(model.blocks):
-                block.conv1.register_forward_hook(lambda *args, i=i: ran.append(i))
+                block.conv1.register_forward_hook(lambda *args, i=i, ran=ran: ran.append(i))
             ddp = DistributedDataParallel(model)  # find_unused_parameters=False
             optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
             data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
