@@ -163,6 +163,7 @@ def plan_stochastic_depth(
 
     candidates: list[tuple[str, ResidualAdd, int]] = []  # (block path in the model, add, ordinal)
     call_depths: dict[str, int] = {}
+    scopes: dict[Any, str] = {}  # add node -> the module calling its block that holds its branch path
     found: dict[int, dict] = {}
     ordinals: dict[int, dict] = {}
     for part, node in execution_order(traced.root):
@@ -175,12 +176,20 @@ def plan_stochastic_depth(
             continue
         path = join_path(part.path, a.block_path)
         candidates.append((path, a, ordinals[id(part)][node]))
+        if a.scope is not None:
+            scopes[a.add] = join_path(part.path, a.scope)
         part_depth = part.path.count(".") + 1 if part.path else 0
         call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
     if not candidates and traced.root_error is not None:
         raise traced.root_error
 
     repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
+    # A module adding what its caller passes it holds a residual only where the whole path lies in one
+    # repeated block (BERT's output sub-modules); elsewhere its sum merges paths (a feature pyramid).
+    merges = {a.add for _, a, _ in candidates if a.add in scopes and (not repeated.blocks or repeated.block_of(scopes[a.add]) is None)}
+    if merges:
+        candidates = [c for c in candidates if c[1].add not in merges]
+        repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
     alone = residuals_left_alone(repeated, [(path, a.branch_parameters) for path, a, _ in candidates])
     adds: list[tuple[str, ResidualAdd, int, str]] = []  # (block path, add, ordinal, block key)
     left_alone: list[str] = []

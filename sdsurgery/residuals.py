@@ -11,7 +11,10 @@ An addition is a residual site when
     operand position,
   * the branch's path from the fork lies in the forward of the module that holds the addition: a sum whose
     longer path runs through other modules merges paths that forked elsewhere (a feature pyramid's top-down
-    sum, a head adding two classifiers, a decoder adding an encoder feature) and is no residual,
+    sum, a head adding two classifiers, a decoder adding an encoder feature) and is no residual. The one
+    exception is decided by the planner: a module that adds what its caller passes it (BERT's ``BertOutput``
+    adds ``dense(hidden_states) + input_tensor``) is a residual when the module whose forward holds the whole
+    path (its ``scope``) lies inside a repeated block (see :mod:`.repeated`),
   * the branch, the nodes that lead to the branch operand but not to the skip, holds parameters
     (parameter-free polynomials such as tanh-GELU's ``x + 0.044715 * x**3`` are not residuals).
 "Computed from" follows values: a shape read (``x.shape``) does not make one tensor computed from another.
@@ -229,6 +232,9 @@ class ResidualAdd:
     existing: fx.Node | None
     branch_parameters: int = 0
     path_nodes: frozenset[fx.Node] = frozenset()
+    scope: str | None = None
+    """The innermost module whose forward holds the branch's path from the fork and the addition, when that
+    is not ``block_path`` but a module calling it (``None`` otherwise); '' for the model's own forward."""
 
 
 def classify_add(
@@ -276,7 +282,8 @@ def classify_add(
     # adding an encoder feature): no residual.
     forks = _forks(common)
     path = _downstream(forks, on_branch & dependent) | ({branch} & on_branch)
-    if any(not _inside(n, block_path) for n in path):
+    scope = _scope(path, block_path)
+    if scope is None:
         return None
     # The shortcut may be computed by the module that calls the block (DLA projects it there), not by one
     # beside them: HRNet's fusion adds a stream made by a transition layer of the model.
@@ -298,7 +305,19 @@ def classify_add(
         existing=existing_stochastic_depth(branch, skip, root),
         branch_parameters=branch_parameters,
         path_nodes=frozenset(path),
+        scope=None if scope == block_path else scope,
     )
+
+
+def _scope(path: set[fx.Node], block_path: str) -> str | None:
+    """The innermost of ``block_path`` and the modules calling it whose forward computes every node of
+    ``path``, or ``None`` when the path starts at an input of the traced module."""
+    scope = block_path
+    while not all(_inside(n, scope) for n in path):
+        if not scope:
+            return None
+        scope = scope.rpartition(".")[0]
+    return scope
 
 
 def is_nested(inner: ResidualAdd, others: list[ResidualAdd], dependent: set[fx.Node]) -> bool:
@@ -330,9 +349,10 @@ def _encloses(outer: ResidualAdd, inner: ResidualAdd) -> bool:
     addition is computed by the forward of ``outer``'s block (the model's own forward: written in it)."""
     if inner.add not in outer.path_nodes:
         return True
-    if not outer.block_path:
+    block = outer.block_path if outer.scope is None else outer.scope
+    if not block:
         return inner.block_path == ""
-    return _inside(inner.add, outer.block_path)
+    return _inside(inner.add, block)
 
 
 def _enclosing_calls(add: fx.Node) -> list[str]:

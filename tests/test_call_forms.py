@@ -124,11 +124,12 @@ def test_verify_accepts_a_call_form_other_than_the_example():
     assert report.ok and len(report.sites) == 4, report.summary()
 
 
-class Opaque:
-    """An argument no trace can take: it would be baked into the graph as a constant."""
+class Options:
+    """An argument object, as Hugging Face passes a key-value cache: it becomes an input of a block's trace."""
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, enabled: bool = True) -> None:
         self.scale = scale
+        self.enabled = enabled
 
 
 class TakesAnObject(nn.Module):
@@ -136,20 +137,37 @@ class TakesAnObject(nn.Module):
         super().__init__()
         self.f = nn.Linear(8, 8)
 
-    def forward(self, x: torch.Tensor, options: Opaque | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, options: Options | None = None) -> torch.Tensor:
         scale = options.scale if options is not None else 1.0
         return x + self.f(x) * scale
 
 
-def test_a_call_that_cannot_be_traced_runs_the_original_code_and_says_so_in_training():
+class BranchesOnAnObject(TakesAnObject):
+    def forward(self, x: torch.Tensor, options: Options | None = None) -> torch.Tensor:
+        if options is not None and not options.enabled:  # Python control flow on the object: no trace takes it
+            return x
+        return x + self.f(x)
+
+
+def test_an_object_argument_is_an_input_of_a_trace_made_for_that_call():
     original = nn.Sequential(TakesAnObject())
+    retrofitted = apply_stochastic_depth(original, 0.0, example_inputs=TOKENS).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stochastic depth stays on: nothing to warn about
+        for scale in (2.0, 3.0):
+            assert torch.equal(retrofitted[0](TOKENS, Options(scale)), original[0](TOKENS, Options(scale)))
+    assert not torch.equal(retrofitted[0](TOKENS, Options(2.0)), retrofitted[0](TOKENS))  # positive control
+
+
+def test_a_call_that_cannot_be_traced_runs_the_original_code_and_says_so_in_training():
+    original = nn.Sequential(BranchesOnAnObject())
     block = apply_stochastic_depth(original, 0.3, example_inputs=TOKENS)[0]
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(block.eval()(TOKENS, Opaque(3.0)), original[0](TOKENS, Opaque(3.0)))
+        assert torch.equal(block.eval()(TOKENS, Options(1.0, False)), original[0](TOKENS, Options(1.0, False)))
     block.train()
-    with pytest.warns(UserWarning, match="block .0. is called with options of type Opaque, not as it was traced.*original code"):
-        block(TOKENS, Opaque(2.0))
+    with pytest.warns(UserWarning, match="block .0. is called with options of type Options, not as it was traced.*original code"):
+        assert torch.equal(block(TOKENS, Options(1.0, False)), TOKENS)
 
 
 def test_sites_are_found_whichever_form_the_example_has():

@@ -141,5 +141,7 @@ def test_keyword_arguments_are_traced_from_the_call_and_checked():
     with torch.no_grad():
         y = torch.randn(3, 8)
         assert torch.equal(result(y, other_gate), model(y, other_gate))
+        # Other keywords in eval: the block's own code runs, exactly.
+        assert torch.equal(result.blocks[0](x, gate=gate, other=1), model.blocks[0](x, gate=gate, other=1))
     with pytest.raises(TypeError, match=r"keyword arguments \['gate'\] in \*\*kwargs, got \['gate', 'other'\]"):
-        result.blocks[0](x, gate=gate, other=1)
+        result.blocks[0].train()(x, gate=gate, other=1)

@@ -232,9 +232,11 @@ def test_native_drop_path_is_re_rated_not_stacked():
     model = _swin().eval()
     result = apply_stochastic_depth(model, P_MAX, example_inputs=_pixels())
     blocks = [result.encoder.layers[0].blocks[0], *result.encoder.layers[1].blocks]
+    assert [type(block.drop_path).__name__ for block in model.encoder.layers[1].blocks] == ["SwinDropPath"] * 2
     native = [block.drop_path for block in blocks[1:]]
-    assert [type(m).__name__ for m in native] == ["SwinDropPath", "SwinDropPath"]
-    assert [m.drop_prob for m in native] == pytest.approx([0.1, 0.2])  # re-rated to the linear schedule
+    # re-rated in its place (one sdsurgery op, so that modes and the rate scheduler apply to it too)
+    assert all(isinstance(m, StochasticDepth) for m in native)
+    assert [m.p for m in native] == pytest.approx([0.1, 0.2])  # the linear schedule
     added = [[n for n, m in block.named_children() if isinstance(m, StochasticDepth)] for block in blocks]
-    assert added == [["stochastic_depth", "stochastic_depth_1"], ["stochastic_depth"], ["stochastic_depth"]]
+    assert added == [["stochastic_depth", "stochastic_depth_1"], *[["drop_path", "stochastic_depth"]] * 2]
     assert verify(model, result, _pixels()).ok

@@ -70,6 +70,58 @@ def test_the_same_sum_computed_from_the_blocks_own_input_is_a_site():
 # A feature-pyramid merge.
 
 
+class AddsWhatItIsPassed(nn.Module):
+    """BERT's output sub-module: ``norm(dense(hidden) + input_tensor)``, both passed in by the layer."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dense = nn.Linear(c, c)
+        self.norm = nn.LayerNorm(c)
+
+    def forward(self, hidden, input_tensor):
+        return self.norm(self.dense(hidden) + input_tensor)
+
+
+class PostNormLayer(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.intermediate = nn.Sequential(nn.Linear(c, 2 * c), nn.GELU(), nn.Linear(2 * c, c))
+        self.output = AddsWhatItIsPassed(c)
+
+    def forward(self, x):
+        return self.output(self.intermediate(x), x)
+
+
+class PostNormEncoder(nn.Module):
+    def __init__(self, depth=3):
+        super().__init__()
+        self.layer = nn.ModuleList(PostNormLayer() for _ in range(depth))
+
+    def forward(self, x):
+        for layer in self.layer:
+            x = layer(x)
+        return x
+
+
+def test_a_sum_of_what_a_repeated_layer_passes_its_sub_module_is_that_layers_residual():
+    plan = plan_stochastic_depth(PostNormEncoder(), 0.2, example_inputs=torch.randn(2, 5, 8))
+    assert [(s.block_path, s.depth) for s in plan.sites] == [(f"layer.{i}.output", i) for i in range(3)]
+
+
+def test_the_same_sub_module_outside_a_repeated_block_merges_two_inputs():
+    class OneLayer(nn.Module):  # the control: the same sum, in no repeated block
+        def __init__(self):
+            super().__init__()
+            self.layer = PostNormLayer()
+            self.block = nn.Sequential(Res(8, 1), Res(8, 1))
+
+        def forward(self, x):
+            return self.block(self.layer(x).transpose(1, 2).unsqueeze(-1))
+
+    sites = find_residual_sites(OneLayer(), example_inputs=torch.randn(2, 5, 8))
+    assert [s.block_path for s in sites] == ["block.0", "block.1"]
+
+
 class Pyramid(nn.Module):
     """FPN's top-down pathway: ``lateral(c) + upsample(top, size=lateral.shape)``."""
 

@@ -93,7 +93,17 @@ def test_finds_the_six_blocks_with_the_seed_rates():
 
 
 def test_puts_one_stochastic_depth_per_block_on_the_branch():
+    # The seed's own drop path (rate 0 here) is on each branch: it is re-rated where it is, never stacked.
     model = apply_stochastic_depth(TinyResNetStochasticDepth(num_classes=10, sd_max=0.0), 0.3)
+    placed = {n: m.p for n, m in model.named_modules() if isinstance(m, RetrofitStochasticDepth)}
+    assert placed == {f"{b}.sd": p for b, p in zip(BLOCKS, make_sd_probs(6, 0.3))}
+
+
+def test_a_block_without_drop_path_gets_a_stochastic_depth_module_of_its_own():
+    model = TinyResNetStochasticDepth(num_classes=10)
+    for block in BLOCKS:
+        model.get_submodule(block).sd = nn.Identity()
+    model = apply_stochastic_depth(model, 0.3)
     placed = {n: m.p for n, m in model.named_modules() if isinstance(m, RetrofitStochasticDepth)}
     assert placed == {f"{b}.stochastic_depth": p for b, p in zip(BLOCKS, make_sd_probs(6, 0.3))}
 
