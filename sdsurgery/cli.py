@@ -9,6 +9,7 @@ torch and the pass are imported when a command runs, so ``--help`` and usage err
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -133,20 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,apply,verify}")
 
-    inspect = commands.add_parser(
-        "inspect", parents=[model, debug], epilog=MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list the residual sites and their planned drop rates, changing nothing",
+    # The commands that take a MODEL share its options and the help text that explains it.
+    model_command = functools.partial(
+        commands.add_parser, parents=[model, debug], epilog=MODEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    inspect = model_command("inspect", help="list the residual sites and their planned drop rates, changing nothing")
     inspect.add_argument("--p-max", type=_rate, default=0.1, metavar="P", help="deepest block's rate (default 0.1)")
     inspect.add_argument("--schedule", type=_schedule, default="linear", metavar="S", help=schedule_help)
     inspect.add_argument("--json", action="store_true", help="print the sites as one JSON document")
     inspect.add_argument("--plot", metavar="FILE.png", help="draw drop rate against depth (needs matplotlib)")
     inspect.set_defaults(run=_inspect)
 
-    apply = commands.add_parser(
-        "apply", parents=[model, debug], epilog=MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="retrofit stochastic depth, verify it, then write a checkpoint",
-    )
+    apply = model_command("apply", help="retrofit stochastic depth, verify it, then write a checkpoint")
     apply.add_argument("--p-max", type=_rate, required=True, metavar="P", help="deepest block's rate, in [0, 1)")
     apply.add_argument("--schedule", type=_schedule, default="linear", metavar="S", help=schedule_help)
     apply.add_argument("--mode", choices=MODES, default="row",
