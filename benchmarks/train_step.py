@@ -29,8 +29,8 @@ import copy
 import os
 import platform
 import random
-import sys
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -216,8 +216,14 @@ def bench_resnet110(args: argparse.Namespace) -> None:
         f"ResNet-110 (CIFAR), batch 64, 32x32, p_max=0.5 linear: train step (forward, backward, SGD), {args.steps} rounds",
         ("variant", "median step (ms)", "ratio", "target", "wall-clock median (ms)", "wall-clock ratio"),
         [
-            (v.name, f"{t.median(v.name) * 1e3:.1f}", f"{t.ratio(v.name, reference):.3f}", targets.get(v.name, ""),
-             f"{t.median(v.name, wall=True) * 1e3:.1f}", f"{t.ratio(v.name, reference, wall=True):.3f}")
+            (
+                v.name,
+                f"{t.median(v.name) * 1e3:.1f}",
+                f"{t.ratio(v.name, reference):.3f}",
+                targets.get(v.name, ""),
+                f"{t.median(v.name, wall=True) * 1e3:.1f}",
+                f"{t.ratio(v.name, reference, wall=True):.3f}",
+            )
             for v in variants
         ],
     )
@@ -284,12 +290,18 @@ def bench_timm(args: argparse.Namespace) -> None:
         for v in variants:
             v.model.train()
             v.optimizer = _sgd(v.model)
-        t = round_robin(variants, lambda v: _train_step(v, x, y), args.timm_steps, args.warmup)
+        t = round_robin(variants, lambda v, x=x, y=y: _train_step(v, x, y), args.timm_steps, args.warmup)
         for v in variants:
-            rows.append((
-                name, v.name, f"{t.median(v.name) * 1e3:.0f}", f"{t.ratio(v.name, reference):.3f}",
-                "<= 1.02" if v.name != reference else "", f"{t.ratio(v.name, reference, wall=True):.3f}",
-            ))
+            rows.append(
+                (
+                    name,
+                    v.name,
+                    f"{t.median(v.name) * 1e3:.0f}",
+                    f"{t.ratio(v.name, reference):.3f}",
+                    "<= 1.02" if v.name != reference else "",
+                    f"{t.ratio(v.name, reference, wall=True):.3f}",
+                )
+            )
     _print_table(
         f"timm models, batch 8, 224x224, p_max=0.1 linear: train step, {args.timm_steps} rounds",
         ("model", "variant", "median step (ms)", "ratio to timm", "target", "wall-clock ratio"),
@@ -309,16 +321,22 @@ def bench_eval(args: argparse.Namespace) -> None:
             retrofitted = sdsurgery.apply_stochastic_depth(original, 0.1, mode=mode, example_inputs=x[:2])
             variants.append(Variant(mode, retrofitted.eval()))
 
-        def forward(v: Variant) -> None:
+        def forward(v: Variant, x: torch.Tensor = x) -> None:
             with torch.no_grad():
                 v.model(x)
 
         t = round_robin(variants, forward, args.eval_steps, args.warmup)
         for v in variants:
-            rows.append((
-                name, v.name, f"{t.median(v.name) * 1e3:.1f}", f"{t.ratio(v.name, 'original'):.3f}",
-                "<= 1.01" if not v.name.startswith("original") else "", f"{t.ratio(v.name, 'original', wall=True):.3f}",
-            ))
+            rows.append(
+                (
+                    name,
+                    v.name,
+                    f"{t.median(v.name) * 1e3:.1f}",
+                    f"{t.ratio(v.name, 'original'):.3f}",
+                    "<= 1.01" if not v.name.startswith("original") else "",
+                    f"{t.ratio(v.name, 'original', wall=True):.3f}",
+                )
+            )
     _print_table(
         f"Eval forward (no grad), {args.eval_steps} rounds",
         ("model", "variant", "median forward (ms)", "ratio", "target", "wall-clock ratio"),
@@ -394,7 +412,11 @@ def main() -> None:
         f"# sdsurgery {sdsurgery.__version__} benchmarks: torch {torch.__version__}, {_cpu_name()}, "
         f"{torch.get_num_threads()} torch thread(s), {platform.python_implementation()} {platform.python_version()}, "
         f"timed in {'process CPU' if CLOCK is time.process_time else 'wall-clock'} time, "
-        + ("glibc malloc defaults" if args.system_malloc else "glibc malloc keeping freed memory (" + ", ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items()) + ")")
+        + (
+            "glibc malloc defaults"
+            if args.system_malloc
+            else "glibc malloc keeping freed memory (" + ", ".join(f"{k}={v}" for k, v in ALLOCATOR_ENV.items()) + ")"
+        )
     )
     for section in args.only.split(","):
         SECTIONS[section.strip()](args)

@@ -53,37 +53,103 @@ WEIGHT_COPIES = 5
 # One small model per timm architecture module (the smallest that builds with its default config). A module
 # missing here (a newer timm) falls back to its first registered model.
 TIMM_REPRESENTATIVES = {
-    "beit": "beit_base_patch16_224", "byoanet": "halonet26t", "byobnet": "gernet_s", "cait": "cait_xxs24_224",
-    "coat": "coat_tiny", "convit": "convit_tiny", "convmixer": "convmixer_768_32", "convnext": "convnext_atto",
-    "cpubone": "cpubone_nano", "crossvit": "crossvit_tiny_240", "csatv2": "csatv2", "cspnet": "cs3darknet_s",
-    "cspnext": "cspnext_tiny", "davit": "davit_tiny", "deepseek_vit": "deepseek_vit_412m",
-    "deit": "deit_tiny_patch16_224", "densenet": "densenet121", "dla": "dla34", "dpn": "dpn68",
-    "edgenext": "edgenext_xx_small", "efficientformer": "efficientformer_l1",
-    "efficientformer_v2": "efficientformerv2_s0", "efficientnet": "efficientnet_b0",
-    "efficientvim": "efficientvim_m1", "efficientvit_mit": "efficientvit_b0", "efficientvit_msra": "efficientvit_m0",
-    "eva": "eva02_tiny_patch14_224", "fasternet": "fasternet_t0", "fastvit": "fastvit_t8",
-    "focalnet": "focalnet_tiny_lrf", "gcvit": "gcvit_xxtiny", "gemma4_vit": "gemma4_vit_167m",
-    "ghostnet": "ghostnet_050", "hardcorenas": "hardcorenas_a", "hgnet": "hgnet_tiny", "hiera": "hiera_tiny_224",
-    "hieradet_sam2": "sam2_hiera_tiny", "hrnet": "hrnet_w18_small", "iformer": "iformer_t",
-    "inception_next": "inception_next_atto", "inception_resnet_v2": "inception_resnet_v2",
-    "inception_v3": "inception_v3", "inception_v4": "inception_v4", "lcnetv2": "lcnetv2_small",
-    "levit": "levit_128s", "lowformer": "lowformer_b0", "mambaout": "mambaout_femto",
-    "maxxvit": "maxvit_pico_rw_256", "metaformer": "caformer_s18", "mlp_mixer": "mixer_s16_224",
-    "mobilenetv3": "mobilenetv3_small_100", "mobilenetv5": "mobilenetv5_300m", "mobilevit": "mobilevit_xxs",
-    "mvitv2": "mvitv2_tiny", "naflexvit": "naflexvit_base_patch16_gap", "nasnet": "nasnetalarge",
-    "nest": "nest_tiny", "nextvit": "nextvit_small", "nfnet": "nf_regnet_b0", "pit": "pit_xs_224",
-    "pnasnet": "pnasnet5large", "pvt_v2": "pvt_v2_b0", "qwen3_vit": "qwen3_vit_88m", "rdnet": "rdnet_tiny",
-    "regnet": "regnety_002", "repghost": "repghostnet_050", "repvit": "repvit_m0_9", "res2net": "res2net50d",
-    "resnest": "resnest14d", "resnet": "resnet18", "resnetv2": "resnetv2_18", "rexnet": "rexnet_100",
-    "selecsls": "selecsls42", "senet": "legacy_seresnet18", "sequencer": "sequencer2d_s", "shvit": "shvit_s1",
-    "sknet": "skresnet18", "starnet": "starnet_s1", "swiftformer": "swiftformer_xs",
-    "swin_transformer": "swin_tiny_patch4_window7_224", "swin_transformer_v2": "swinv2_tiny_window8_256",
-    "swin_transformer_v2_cr": "swinv2_cr_tiny_224", "tiny_vit": "tiny_vit_5m_224", "tnt": "tnt_s_patch16_224",
-    "tresnet": "tresnet_m", "twins": "twins_svt_small", "vgg": "vgg11", "visformer": "visformer_tiny",
-    "vision_transformer": "vit_tiny_patch16_224", "vision_transformer_hybrid": "vit_tiny_r_s16_p8_224",
+    "beit": "beit_base_patch16_224",
+    "byoanet": "halonet26t",
+    "byobnet": "gernet_s",
+    "cait": "cait_xxs24_224",
+    "coat": "coat_tiny",
+    "convit": "convit_tiny",
+    "convmixer": "convmixer_768_32",
+    "convnext": "convnext_atto",
+    "cpubone": "cpubone_nano",
+    "crossvit": "crossvit_tiny_240",
+    "csatv2": "csatv2",
+    "cspnet": "cs3darknet_s",
+    "cspnext": "cspnext_tiny",
+    "davit": "davit_tiny",
+    "deepseek_vit": "deepseek_vit_412m",
+    "deit": "deit_tiny_patch16_224",
+    "densenet": "densenet121",
+    "dla": "dla34",
+    "dpn": "dpn68",
+    "edgenext": "edgenext_xx_small",
+    "efficientformer": "efficientformer_l1",
+    "efficientformer_v2": "efficientformerv2_s0",
+    "efficientnet": "efficientnet_b0",
+    "efficientvim": "efficientvim_m1",
+    "efficientvit_mit": "efficientvit_b0",
+    "efficientvit_msra": "efficientvit_m0",
+    "eva": "eva02_tiny_patch14_224",
+    "fasternet": "fasternet_t0",
+    "fastvit": "fastvit_t8",
+    "focalnet": "focalnet_tiny_lrf",
+    "gcvit": "gcvit_xxtiny",
+    "gemma4_vit": "gemma4_vit_167m",
+    "ghostnet": "ghostnet_050",
+    "hardcorenas": "hardcorenas_a",
+    "hgnet": "hgnet_tiny",
+    "hiera": "hiera_tiny_224",
+    "hieradet_sam2": "sam2_hiera_tiny",
+    "hrnet": "hrnet_w18_small",
+    "iformer": "iformer_t",
+    "inception_next": "inception_next_atto",
+    "inception_resnet_v2": "inception_resnet_v2",
+    "inception_v3": "inception_v3",
+    "inception_v4": "inception_v4",
+    "lcnetv2": "lcnetv2_small",
+    "levit": "levit_128s",
+    "lowformer": "lowformer_b0",
+    "mambaout": "mambaout_femto",
+    "maxxvit": "maxvit_pico_rw_256",
+    "metaformer": "caformer_s18",
+    "mlp_mixer": "mixer_s16_224",
+    "mobilenetv3": "mobilenetv3_small_100",
+    "mobilenetv5": "mobilenetv5_300m",
+    "mobilevit": "mobilevit_xxs",
+    "mvitv2": "mvitv2_tiny",
+    "naflexvit": "naflexvit_base_patch16_gap",
+    "nasnet": "nasnetalarge",
+    "nest": "nest_tiny",
+    "nextvit": "nextvit_small",
+    "nfnet": "nf_regnet_b0",
+    "pit": "pit_xs_224",
+    "pnasnet": "pnasnet5large",
+    "pvt_v2": "pvt_v2_b0",
+    "qwen3_vit": "qwen3_vit_88m",
+    "rdnet": "rdnet_tiny",
+    "regnet": "regnety_002",
+    "repghost": "repghostnet_050",
+    "repvit": "repvit_m0_9",
+    "res2net": "res2net50d",
+    "resnest": "resnest14d",
+    "resnet": "resnet18",
+    "resnetv2": "resnetv2_18",
+    "rexnet": "rexnet_100",
+    "selecsls": "selecsls42",
+    "senet": "legacy_seresnet18",
+    "sequencer": "sequencer2d_s",
+    "shvit": "shvit_s1",
+    "sknet": "skresnet18",
+    "starnet": "starnet_s1",
+    "swiftformer": "swiftformer_xs",
+    "swin_transformer": "swin_tiny_patch4_window7_224",
+    "swin_transformer_v2": "swinv2_tiny_window8_256",
+    "swin_transformer_v2_cr": "swinv2_cr_tiny_224",
+    "tiny_vit": "tiny_vit_5m_224",
+    "tnt": "tnt_s_patch16_224",
+    "tresnet": "tresnet_m",
+    "twins": "twins_svt_small",
+    "vgg": "vgg11",
+    "visformer": "visformer_tiny",
+    "vision_transformer": "vit_tiny_patch16_224",
+    "vision_transformer_hybrid": "vit_tiny_r_s16_p8_224",
     "vision_transformer_relpos": "vit_relpos_small_patch16_224",
-    "vision_transformer_sam": "samvit_base_patch16_224", "vitamin": "vitamin_small_224", "volo": "volo_d1_224",
-    "vovnet": "ese_vovnet19b_slim", "xception": "legacy_xception", "xception_aligned": "xception41",
+    "vision_transformer_sam": "samvit_base_patch16_224",
+    "vitamin": "vitamin_small_224",
+    "volo": "volo_d1_224",
+    "vovnet": "ese_vovnet19b_slim",
+    "xception": "legacy_xception",
+    "xception_aligned": "xception41",
     "xcit": "xcit_nano_12_p16_224",
 }
 
@@ -195,7 +261,9 @@ class Row:
     rates: str = ""  # equal | differs | n/a (...)
     total_s: float = math.nan
     left_alone: int = 0  # residual blocks outside the repeated blocks, left alone by default
-    parity: str = ""  # train outputs vs the native model: equal | equal (uniform) | equal (schedule=list) | differs | n/a
+    parity: str = (
+        ""  # train outputs vs the native model: equal | equal (uniform) | equal (schedule=list) | differs | n/a
+    )
     parity_max_abs_diff: float = math.nan
     expected_blocks: int = -1  # dense models: the residual blocks of the backbone
 
@@ -233,15 +301,36 @@ def all_jobs() -> list[tuple[str, str, str]]:
 # Hugging Face: every model type with a base model class, from its default config shrunk to a tiny size.
 HF_TINY = {
     # widths: small, and divisible by the head counts below
-    "hidden_size": 32, "d_model": 32, "n_embd": 32, "word_embed_proj_dim": 32,
-    "intermediate_size": 64, "ffn_dim": 64, "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "d_ff": 64,
-    "n_inner": 64, "mlp_dim": 64,
+    "hidden_size": 32,
+    "d_model": 32,
+    "n_embd": 32,
+    "word_embed_proj_dim": 32,
+    "intermediate_size": 64,
+    "ffn_dim": 64,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "d_ff": 64,
+    "n_inner": 64,
+    "mlp_dim": 64,
     # depths
-    "num_hidden_layers": 2, "num_layers": 2, "n_layer": 2, "n_layers": 2, "encoder_layers": 2,
-    "decoder_layers": 2, "num_decoder_layers": 2, "num_encoder_layers": 2,
+    "num_hidden_layers": 2,
+    "num_layers": 2,
+    "n_layer": 2,
+    "n_layers": 2,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "num_decoder_layers": 2,
+    "num_encoder_layers": 2,
     # heads
-    "num_attention_heads": 2, "n_head": 2, "n_heads": 2, "encoder_attention_heads": 2,
-    "decoder_attention_heads": 2, "num_key_value_heads": 2, "num_heads": 2, "head_dim": 16, "d_kv": 16,
+    "num_attention_heads": 2,
+    "n_head": 2,
+    "n_heads": 2,
+    "encoder_attention_heads": 2,
+    "decoder_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "num_heads": 2,
+    "head_dim": 16,
+    "d_kv": 16,
 }
 HF_MAX_VOCAB = 1000
 HF_CHUNK = 10  # model types per worker process (one import of transformers for many small models)
@@ -265,11 +354,24 @@ def tiny_config(config):
             setattr(config, key, min(value, HF_TINY[key]))
         elif key == "vocab_size" and isinstance(value, int) and value > HF_MAX_VOCAB:
             config.vocab_size = HF_MAX_VOCAB
-            for token in ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "cls_token_id",
-                          "decoder_start_token_id", "unk_token_id", "mask_token_id"):
+            for token in (
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+                "sep_token_id",
+                "cls_token_id",
+                "decoder_start_token_id",
+                "unk_token_id",
+                "mask_token_id",
+            ):
                 if isinstance(getattr(config, token, None), int) and getattr(config, token) >= HF_MAX_VOCAB:
                     setattr(config, token, 1)
-        elif key == "image_size" and isinstance(value, int) and value > HF_MAX_IMAGE and not hasattr(config, "window_size"):
+        elif (
+            key == "image_size"
+            and isinstance(value, int)
+            and value > HF_MAX_IMAGE
+            and not hasattr(config, "window_size")
+        ):
             patch = getattr(config, "patch_size", 1)
             if isinstance(patch, int) and HF_MAX_IMAGE % patch == 0:
                 config.image_size = HF_MAX_IMAGE
@@ -413,13 +515,13 @@ def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[s
     first_native = min((order.index(b) for b in native_counts if b in our_counts), default=len(order))
     # Our blocks timm drops nothing in: not compared where timm's rule gives them rate 0 (a zero-rate slot,
     # or the leading blocks of a rising schedule), else extra.
-    extra = [
-        b for i, b in enumerate(order) if b not in native_counts and b not in zero_slots and i > first_native
-    ]
+    extra = [b for i, b in enumerate(order) if b not in native_counts and b not in zero_slots and i > first_native]
     problems = []
     # timm blocks that hold no residual addition at all (nested ones included): timm drops a path there
     # that nothing adds back, which no residual retrofit reproduces.
-    residual_blocks = {s.block_path for s in plan_stochastic_depth(plain, P_MAX, nested=True).sites} if missing else set()
+    residual_blocks = (
+        {s.block_path for s in plan_stochastic_depth(plain, P_MAX, nested=True).sites} if missing else set()
+    )
     off_residual = [b for b in missing if not any(r == b or r.startswith(b + ".") for r in residual_blocks)]
     if missing and off_residual == missing and not wrong and not extra:
         return rule, f"{OFF_RESIDUAL} {len(missing)} blocks without a residual ({', '.join(missing[:3])})", "n/a"
@@ -427,7 +529,9 @@ def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[s
         problems.append(f"{len(missing)} native blocks missing ({', '.join(missing[:3])})")
     if wrong:
         b = wrong[0]
-        problems.append(f"{len(wrong)} blocks with other call counts ({b}: ours {our_counts[b]}, timm {native_counts[b]})")
+        problems.append(
+            f"{len(wrong)} blocks with other call counts ({b}: ours {our_counts[b]}, timm {native_counts[b]})"
+        )
     if extra:
         problems.append(f"{len(extra)} extra blocks ({', '.join(extra[:3])})")
     placement = "equal" if not problems else "differs: " + "; ".join(problems)
@@ -446,6 +550,7 @@ def _compare_with_native(name: str, plain, result_linear, batch: int) -> tuple[s
     else:
         rates = f"n/a (rule {rule})"
     return rule, placement, rates
+
 
 def _native_rate_kwarg(zoo: str) -> str:
     return "drop_path_rate" if zoo == "timm" else "stochastic_depth_prob"
@@ -500,7 +605,6 @@ def _parity(zoo: str, name: str, plain, inputs) -> tuple[str, float]:
     """Train-mode outputs of our retrofit against the native model with stochastic depth at ``P_PARITY``,
     same weights, same seed. The schedule is ours by default (linear) when the native rates follow it,
     uniform when they are uniform, else the native rates passed as a list (``schedule=[...]``)."""
-    import copy
 
     from sdsurgery import apply_stochastic_depth, plan_stochastic_depth
 
@@ -529,8 +633,9 @@ def _parity(zoo: str, name: str, plain, inputs) -> tuple[str, float]:
         schedule, label = "uniform", "equal (uniform)"
     else:
         schedule, label = wanted, "equal (schedule=list)"
-    ours = apply_stochastic_depth(copy.deepcopy(plain), P_PARITY, schedule=schedule, example_inputs=inputs,
-                                  verify=False)
+    ours = apply_stochastic_depth(
+        copy.deepcopy(plain), P_PARITY, schedule=schedule, example_inputs=inputs, verify=False
+    )
     diff, scale = 0.0, 1.0
     for seed in (0, 1):
         expected = _train_outputs(native, inputs, seed)
@@ -571,7 +676,10 @@ def _run_one(zoo: str, family: str, name: str) -> Row:
     row.params_m = round(_params_m(zoo, name), 3)
     estimate_gib = row.params_m * 1e6 * 4 * WEIGHT_COPIES / 2**30
     if estimate_gib > MEMORY_BUDGET_GIB:
-        row.status, row.reason = "skipped", f"about {estimate_gib:.0f} GiB of weights in copies > {MEMORY_BUDGET_GIB} GiB"
+        row.status, row.reason = (
+            "skipped",
+            f"about {estimate_gib:.0f} GiB of weights in copies > {MEMORY_BUDGET_GIB} GiB",
+        )
         return row
 
     plain = _build(zoo, name)
@@ -639,9 +747,8 @@ def run_hf(model_type: str) -> Row:
     import torch
     import transformers
 
-    from sdsurgery import plan_stochastic_depth, verify
+    from sdsurgery import apply_plan, plan_stochastic_depth, verify
     from sdsurgery.hf import example_inputs
-    from sdsurgery.surgery import rewrite
 
     started = time.perf_counter()
     row = Row("hf", model_type, model_type)
@@ -679,7 +786,7 @@ def run_hf(model_type: str) -> Row:
             return row
         t0 = time.perf_counter()
         try:  # the plan made above, applied (the sweep shares a small machine: no second trace)
-            result = rewrite(copy.deepcopy(plain), plan, "row")
+            result = apply_plan(plain, plan, verify=False)
         except Exception as error:
             row.status, row.reason = "failed", f"surgery: {type(error).__name__}: {_first_line(error)}"
             row.total_s = round(time.perf_counter() - started, 2)
@@ -717,7 +824,9 @@ def _hf_worker(model_types: list[str], limit: float) -> None:
             row = Row("hf", model_type, model_type, status="timeout", reason=str(error), total_s=limit)
             timed_out = True
         except Exception as error:
-            row = Row("hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}")
+            row = Row(
+                "hf", model_type, model_type, status="crashed", reason=f"{type(error).__name__}: {_first_line(error)}"
+            )
         finally:
             signal.setitimer(signal.ITIMER_PROF, 0)
         print("ROW " + json.dumps(asdict(row)), flush=True)
@@ -806,9 +915,11 @@ def summarise(rows: list[Row]) -> dict[str, str]:
     tv_native = [r for r in rows if r.zoo in ("torchvision", "dense") and _has_parity(r)]
     tv_parity = [r for r in tv_native if r.parity.startswith("equal")]
     tv_families = sorted({_torchvision_family(r.model) for r in tv_native})
-    tv_families_ok = [f for f in tv_families if all(
-        r.parity.startswith("equal") for r in tv_native if _torchvision_family(r.model) == f
-    )]
+    tv_families_ok = [
+        f
+        for f in tv_families
+        if all(r.parity.startswith("equal") for r in tv_native if _torchvision_family(r.model) == f)
+    ]
     dense = [r for r in rows if r.zoo == "dense"]
     dense_exact = [r for r in dense if r.blocks == r.expected_blocks]
     dense_residual = [r for r in dense if r.expected_blocks > 0]
@@ -818,7 +929,9 @@ def summarise(rows: list[Row]) -> dict[str, str]:
         "torchvision classifiers with residual additions, retrofitted and verified (target 100%)": pct(
             tv_ok, tv_residual
         ),
-        "torchvision classifiers without residual additions (clear NoResidualSitesError)": str(len(tv) - len(tv_residual)),
+        "torchvision classifiers without residual additions (clear NoResidualSitesError)": str(
+            len(tv) - len(tv_residual)
+        ),
         "timm families with residual additions, retrofitted (whole or partial) and verified (target 100%)": pct(
             tm_ok, tm_residual
         ),
@@ -881,20 +994,51 @@ def _hf_tables(rows: list[Row]) -> list[str]:
     for r in rows:
         miss = _hf_miss(r)
         if miss:
-            lines.append(f"- **{r.family}** ({r.model}): {miss}. Cause: {HF_KNOWN_CAUSES.get(r.family, '**unexplained**')}")
+            lines.append(
+                f"- **{r.family}** ({r.model}): {miss}. Cause: {HF_KNOWN_CAUSES.get(r.family, '**unexplained**')}"
+            )
     lines += ["", "## Hugging Face model types that do not build from a tiny config or have no residual", ""]
     for r in rows:
         if r.status in ("build-failed", "no-residual"):
             lines.append(f"- {r.family} ({r.model}): {r.status}: {r.reason}")
-    headers = ["model type", "class", "params M", "status", "sites", "blocks", "untraced", "specialised", "verifier",
-               "surgery s", "total s", "untraced modules / reason"]
-    lines += ["", "## Hugging Face transformers (tiny configs)", "", "| " + " | ".join(headers) + " |",
-              "|" + "---|" * len(headers)]
+    headers = [
+        "model type",
+        "class",
+        "params M",
+        "status",
+        "sites",
+        "blocks",
+        "untraced",
+        "specialised",
+        "verifier",
+        "surgery s",
+        "total s",
+        "untraced modules / reason",
+    ]
+    lines += [
+        "",
+        "## Hugging Face transformers (tiny configs)",
+        "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "---|" * len(headers),
+    ]
     for r in rows:
-        cells = [r.family, r.model, r.params_m, r.status, r.sites, r.blocks, r.untraced, r.specialised, r.verified,
-                 r.surgery_s, r.total_s, r.reason]
+        cells = [
+            r.family,
+            r.model,
+            r.params_m,
+            r.status,
+            r.sites,
+            r.blocks,
+            r.untraced,
+            r.specialised,
+            r.verified,
+            r.surgery_s,
+            r.total_s,
+            r.reason,
+        ]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
-    return lines + [""]
+    return [*lines, ""]
 
 
 def _miss(row: Row) -> str:
@@ -987,10 +1131,15 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
         "",
     ]
     if missing:
-        lines += ["## Not measured in this run", "",
-                  f"{len(missing)} of {len(rows) + len(missing)} models did not finish before the report was written "
-                  "(the sweep ran on a shared machine); the targets above count only the models measured: "
-                  + ", ".join(missing) + ".", ""]
+        lines += [
+            "## Not measured in this run",
+            "",
+            f"{len(missing)} of {len(rows) + len(missing)} models did not finish before the report was written "
+            "(the sweep ran on a shared machine); the targets above count only the models measured: "
+            + ", ".join(missing)
+            + ".",
+            "",
+        ]
     hf = [r for r in rows if r.zoo == "hf"]
     if hf:
         lines += ["## Hugging Face transformers", "", *[f"- {k}: **{v}**" for k, v in summarise_hf(hf).items()], ""]
@@ -1003,31 +1152,97 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
             cause = KNOWN_CAUSES.get(r.model, "**unexplained**")
             lines.append(f"- **{r.model}** ({r.zoo} {r.family}): {miss}. Cause: {cause}")
     lines.append("")
-    headers = ["model", "params M", "batch", "status", "sites", "blocks", "left alone", "untraced", "specialised",
-               "verifier", "surgery s", "native rule", "placement vs timm", "rates", "train outputs vs native",
-               "reason / untraced modules"]
+    headers = [
+        "model",
+        "params M",
+        "batch",
+        "status",
+        "sites",
+        "blocks",
+        "left alone",
+        "untraced",
+        "specialised",
+        "verifier",
+        "surgery s",
+        "native rule",
+        "placement vs timm",
+        "rates",
+        "train outputs vs native",
+        "reason / untraced modules",
+    ]
     for zoo in ("torchvision", "timm"):
-        lines += [f"## {zoo}", "", "| " + ("family | " if zoo == "timm" else "") + " | ".join(headers) + " |",
-                  "|" + "---|" * (len(headers) + (zoo == "timm"))]
+        lines += [
+            f"## {zoo}",
+            "",
+            "| " + ("family | " if zoo == "timm" else "") + " | ".join(headers) + " |",
+            "|" + "---|" * (len(headers) + (zoo == "timm")),
+        ]
         for r in (r for r in rows if r.zoo == zoo):
-            cells = [r.model, r.params_m, r.batch, r.status, r.sites, r.blocks, r.left_alone, r.untraced,
-                     r.specialised, r.verified, r.surgery_s, r.native_rule, r.placement, r.rates, _parity_cell(r),
-                     r.reason]
+            cells = [
+                r.model,
+                r.params_m,
+                r.batch,
+                r.status,
+                r.sites,
+                r.blocks,
+                r.left_alone,
+                r.untraced,
+                r.specialised,
+                r.verified,
+                r.surgery_s,
+                r.native_rule,
+                r.placement,
+                r.rates,
+                _parity_cell(r),
+                r.reason,
+            ]
             lines.append("| " + (f"{r.family} | " if zoo == "timm" else "") + " | ".join(map(_cell, cells)) + " |")
         lines.append("")
-    dense_headers = ["task", "model", "params M", "batch", "status", "expected blocks", "sites", "blocks", "left alone",
-                     "untraced", "verifier", "surgery s", "train outputs vs native", "reason / untraced modules"]
-    lines += ["## torchvision dense prediction", "",
-              "Expected blocks: the residual blocks of the backbone (ResNet-50: 16, ResNet-101: 33, MobileNetV3-Large: "
-              "10, R(2+1)D/MC3/R3D-18: 8, Swin3D-T/S/B: 12/24/24, MViT: 16; SSD300-VGG16 and S3D have none). Heads, "
-              "feature pyramids and ASPP modules hold no residual block.", "",
-              "| " + " | ".join(dense_headers) + " |", "|" + "---|" * len(dense_headers)]
+    dense_headers = [
+        "task",
+        "model",
+        "params M",
+        "batch",
+        "status",
+        "expected blocks",
+        "sites",
+        "blocks",
+        "left alone",
+        "untraced",
+        "verifier",
+        "surgery s",
+        "train outputs vs native",
+        "reason / untraced modules",
+    ]
+    lines += [
+        "## torchvision dense prediction",
+        "",
+        "Expected blocks: the residual blocks of the backbone (ResNet-50: 16, ResNet-101: 33, MobileNetV3-Large: "
+        "10, R(2+1)D/MC3/R3D-18: 8, Swin3D-T/S/B: 12/24/24, MViT: 16; SSD300-VGG16 and S3D have none). Heads, "
+        "feature pyramids and ASPP modules hold no residual block.",
+        "",
+        "| " + " | ".join(dense_headers) + " |",
+        "|" + "---|" * len(dense_headers),
+    ]
     for r in (r for r in rows if r.zoo == "dense"):
-        cells = [r.family, r.model, r.params_m, r.batch, r.status, r.expected_blocks, r.sites, r.blocks, r.left_alone,
-                 r.untraced, r.verified, r.surgery_s, _parity_cell(r), r.reason]
+        cells = [
+            r.family,
+            r.model,
+            r.params_m,
+            r.batch,
+            r.status,
+            r.expected_blocks,
+            r.sites,
+            r.blocks,
+            r.left_alone,
+            r.untraced,
+            r.verified,
+            r.surgery_s,
+            _parity_cell(r),
+            r.reason,
+        ]
         lines.append("| " + " | ".join(map(_cell, cells)) + " |")
     lines.append("")
-
 
     if hf:
         lines += _hf_tables(hf)
@@ -1060,7 +1275,7 @@ def write_reports(rows: list[Row], out: Path, wall_s: float, command: str, missi
         f"p_max = {P_PARITY}: train-mode outputs under `torch.manual_seed(0)` and `(1)` are compared (equal up to float "
         "rounding: max |diff| at most 1e-4 of the largest output). This checks placement *and* rates and the "
         "order of the random draws. `equal`: with our default linear schedule; `equal (uniform)`: with "
-        "`schedule=\"uniform\"` (the native rates are uniform); `equal (schedule=list)`: the native rule is "
+        '`schedule="uniform"` (the native rates are uniform); `equal (schedule=list)`: the native rule is '
         "neither (EfficientNet's i/N counts blocks without a residual; DaViT-style, VOLO-style or per-stage rules), "
         "so the native rate of each of our blocks is passed as `schedule=[...]`: placement and grouping are "
         "checked, not the rule. The number after the verdict is the max |diff|.",
@@ -1073,19 +1288,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="*", help="model names to run (default: the whole zoo)")
     parser.add_argument("--zoo", choices=("all", "timm", "torchvision", "dense", "hf"), default="all")
-    parser.add_argument("--hf-sample-order", action="store_true",
-                        help="run the Hugging Face model types in a fixed pseudo-random order instead of by name")
+    parser.add_argument(
+        "--hf-sample-order",
+        action="store_true",
+        help="run the Hugging Face model types in a fixed pseudo-random order instead of by name",
+    )
     parser.add_argument("--hf-timeout", type=float, default=45.0, help="CPU seconds per Hugging Face model type")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     parser.add_argument("--jobs", type=int, default=1, help="models run side by side (one thread each)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs")
     parser.add_argument("--worker", nargs=3, metavar=("ZOO", "FAMILY", "MODEL"), help=argparse.SUPPRESS)
     parser.add_argument("--hf-worker", nargs="+", help=argparse.SUPPRESS)
-    parser.add_argument("--from-csv", type=Path, nargs="+",
-                        help="rewrite the report from these CSVs (parts of one sweep) without running models")
+    parser.add_argument(
+        "--from-csv",
+        type=Path,
+        nargs="+",
+        help="rewrite the report from these CSVs (parts of one sweep) without running models",
+    )
     parser.add_argument("--wall-min", type=float, default=math.nan, help="with --from-csv: the sweep's wall time")
-    parser.add_argument("--command", default="python benchmarks/zoo.py",
-                        help="with --from-csv: how the sweep was run, for the report's header")
+    parser.add_argument(
+        "--command",
+        default="python benchmarks/zoo.py",
+        help="with --from-csv: how the sweep was run, for the report's header",
+    )
     args = parser.parse_args(argv)
 
     if args.from_csv:
@@ -1129,9 +1354,12 @@ def main(argv: list[str] | None = None) -> int:
         futures = {pool.submit(_run_in_subprocess, *job, args.timeout): i for i, job in enumerate(jobs)}
         for future in as_completed(futures):
             row = done[futures[future]] = future.result()
-            print(f"[{len(done)}/{len(jobs)}] {row.zoo} {row.model}: {row.status} sites={row.sites} "
-                  f"verified={row.verified} placement={row.placement} parity={row.parity} {row.total_s}s "
-                  f"{row.reason[:120]}", flush=True)
+            print(
+                f"[{len(done)}/{len(jobs)}] {row.zoo} {row.model}: {row.status} sites={row.sites} "
+                f"verified={row.verified} placement={row.placement} parity={row.parity} {row.total_s}s "
+                f"{row.reason[:120]}",
+                flush=True,
+            )
             rows = [done[i] for i in sorted(done)]
             write_reports(rows, args.out, time.perf_counter() - started, command)
     if args.zoo in ("all", "hf"):
@@ -1140,10 +1368,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.hf_sample_order:  # a fixed pseudo-random order: a sweep stopped early has swept a fair sample
             hf_types.sort(key=lambda t: hashlib.sha1(t.encode()).hexdigest())
         for start in range(0, len(hf_types), HF_CHUNK):
-            for row in _run_hf_chunk(hf_types[start:start + HF_CHUNK], args.hf_timeout):
+            for row in _run_hf_chunk(hf_types[start : start + HF_CHUNK], args.hf_timeout):
                 rows.append(row)
-                print(f"[hf {len(rows)}/{len(hf_types)}] {row.family} ({row.model}): {row.status} sites={row.sites} "
-                      f"verified={row.verified} {row.total_s}s {row.reason[:120]}", flush=True)
+                print(
+                    f"[hf {len(rows)}/{len(hf_types)}] {row.family} ({row.model}): {row.status} sites={row.sites} "
+                    f"verified={row.verified} {row.total_s}s {row.reason[:120]}",
+                    flush=True,
+                )
             with open(args.out / "zoo-hf-partial.csv", "w", newline="") as f:  # progress, for a long sweep
                 writer = csv.writer(f)
                 writer.writerow([f.name for f in fields(Row)])

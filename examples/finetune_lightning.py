@@ -35,7 +35,13 @@ class DigitsViT(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
         self.vit = timm.create_model(
-            "vit_tiny_patch16_224", img_size=8, patch_size=2, in_chans=1, depth=4, embed_dim=96, num_heads=3,
+            "vit_tiny_patch16_224",
+            img_size=8,
+            patch_size=2,
+            in_chans=1,
+            depth=4,
+            embed_dim=96,
+            num_heads=3,
             num_classes=10,
         )
         self.example_input_array = torch.zeros(2, 1, 8, 8)  # the callback verifies eval outputs on it
@@ -78,7 +84,7 @@ def main() -> None:
     train, test = loaders()
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = Path(folder) / "first.ckpt"
-        options = {'profile': "warmup", 'warmup_steps': 0.2, 'mode': "row"}
+        options = {"profile": "warmup", "warmup_steps": 0.2, "mode": "row"}
         callback = StochasticDepthCallback(0.1, **options)
         module = DigitsViT()
         trainer = pl.Trainer(

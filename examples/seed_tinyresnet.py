@@ -37,9 +37,9 @@ class TinyResNet(nn.Module):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
         stages = [(32, 32, 1), (32, 64, 2), (64, 128, 2)]
-        self.layers = nn.Sequential(*(
-            nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages
-        ))
+        self.layers = nn.Sequential(
+            *(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(128, num_classes)
 
@@ -52,8 +52,10 @@ model = TinyResNet()
 x = torch.randn(8, 3, 32, 32)
 
 for site in sdsurgery.find_residual_sites(model, p_max=0.3):
-    print(f"depth {site.depth}  {site.block_path:<10} {site.add:<6} branch {site.branch:<14} "
-          f"skip {site.skip:<22} {site.shortcut:<10} p = {site.drop_rate:.2f}")
+    print(
+        f"depth {site.depth}  {site.block_path:<10} {site.add:<6} branch {site.branch:<14} "
+        f"skip {site.skip:<22} {site.shortcut:<10} p = {site.drop_rate:.2f}"
+    )
 
 retrofitted = sdsurgery.apply_stochastic_depth(model, p_max=0.3, example_inputs=x)
 

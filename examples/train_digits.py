@@ -31,7 +31,7 @@ try:
     from sklearn.model_selection import train_test_split
     from tqdm import tqdm
 except ImportError as error:
-    raise SystemExit(f"{error.name} is missing: pip install -e \".[examples]\"") from None
+    raise SystemExit(f'{error.name} is missing: pip install -e ".[examples]"') from None
 
 
 class BasicBlock(nn.Module):
@@ -61,13 +61,11 @@ class TinyResNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()
-        )
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
         stages = [(width, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2)]
-        self.layers = nn.Sequential(*(
-            nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages
-        ))
+        self.layers = nn.Sequential(
+            *(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages)
+        )
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(4 * width, num_classes)
 
@@ -90,7 +88,7 @@ def shift(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Random shifts by up to one pixel (zero padding): a light augmentation for 8x8 digits."""
     padded = F.pad(x, (1, 1, 1, 1))
     dx, dy = torch.randint(0, 3, (2,), generator=generator).tolist()
-    return padded[..., dy:dy + 8, dx:dx + 8]
+    return padded[..., dy : dy + 8, dx : dx + 8]
 
 
 def train(
@@ -120,7 +118,7 @@ def train(
         order = torch.randperm(len(x_train), generator=batches)
         losses = []
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             loss = F.cross_entropy(model(shift(x_train[rows], batches)), y_train[rows])
             optimizer.zero_grad()
             loss.backward()
@@ -169,7 +167,9 @@ def main() -> None:
     parser.add_argument("--p-max", type=float, default=0.2, help="deepest block's drop rate (linear rule)")
     parser.add_argument("--mode", default="row", choices=["row", "batch", "subset"])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "train_digits.png")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parent.parent / "docs" / "train_digits.png"
+    )
     args = parser.parse_args()
 
     data = digits(args.seed)
@@ -186,7 +186,12 @@ def main() -> None:
     ):
         start = time.perf_counter()
         runs[name] = train(
-            model, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, label=name,
+            model,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            label=name,
             scheduler_options=options,
         )
         seconds[name] = time.perf_counter() - start
@@ -195,8 +200,10 @@ def main() -> None:
     print(f"\n{'run':<40} {'final loss':>10} {'final acc':>10} {'best acc':>9} {'time':>7}")
     for name, history in runs.items():
         accuracy = history["test_accuracy"]
-        print(f"{name:<40} {history['train_loss'][-1]:>10.4f} {accuracy[-1]:>10.2%} {max(accuracy):>9.2%} "
-              f"{seconds[name]:>6.1f}s")
+        print(
+            f"{name:<40} {history['train_loss'][-1]:>10.4f} {accuracy[-1]:>10.2%} {max(accuracy):>9.2%} "
+            f"{seconds[name]:>6.1f}s"
+        )
     print(f"plot: {args.out}")
 
 

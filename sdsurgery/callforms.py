@@ -91,7 +91,9 @@ class CallForm:
         """The form a trace with ``concrete_args`` assumes: those arguments' forms, :data:`TRACED` for the rest."""
         concrete = concrete_args or {}
         kinds = inspect.Parameter
-        named = {n: p for n, p in signature.parameters.items() if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)}
+        named = {
+            n: p for n, p in signature.parameters.items() if p.kind not in (kinds.VAR_POSITIONAL, kinds.VAR_KEYWORD)
+        }
         return cls(
             tuple((name, form_of(concrete[name]) if name in concrete else TRACED) for name in named),
             tuple(n for n, p in named.items() if p.kind in (kinds.POSITIONAL_ONLY, kinds.POSITIONAL_OR_KEYWORD)),
@@ -119,10 +121,16 @@ class CallForm:
             called = form_of(arguments.get(name))
             if not form_matches(form, called):
                 value = arguments.get(name)
-                what = "None" if value is None else "given" if called is TRACED else (
-                    f"of type {type(value).__name__}" if isinstance(called, _Opaque) else repr(value)
+                what = (
+                    "None"
+                    if value is None
+                    else "given"
+                    if called is TRACED
+                    else (f"of type {type(value).__name__}" if isinstance(called, _Opaque) else repr(value))
                 )
-                described.append(f"{name} {what}" if what == "given" or what.startswith("of type") else f"{name}={what}")
+                described.append(
+                    f"{name} {what}" if what == "given" or what.startswith("of type") else f"{name}={what}"
+                )
         return described
 
 

@@ -24,23 +24,16 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
-from .models import (
-    BuildOptions,
-    ModelSpec,
-    REGISTRIES,
-    PickledObjectsError,
-    build_model,
-    load_state_dict_into,
-    read_tensor_file,
-)
+from .choices import CHECKPOINT_FORMATS, CheckpointFormat, Mode
+from .errors import SurgeryError, first_line
 from .plan import ResidualSite, plan_stochastic_depth
-from .surgery import apply_stochastic_depth
+from .specs import REGISTRIES, BuildOptions, ModelSpec, build_model
+from .surgery import apply_plan
+from .weights import PickledObjectsError, load_state_dict_into, read_tensor_file
 
 FORMAT = "sdsurgery.checkpoint"
 FORMAT_VERSION = 1
 """Bumped whenever a reader of the previous version could misread a new file."""
-FORMATS = ("state_dict", "pickle")
 PICKLE_ATTRIBUTE = "sdsurgery_checkpoint"
 """Attribute of a pickle-format module holding the checkpoint's metadata (everything but the weights)."""
 
@@ -55,7 +48,7 @@ class SurgeryOptions:
 
     p_max: float
     schedule: str | tuple[float, ...] = "linear"
-    mode: str = "row"
+    mode: Mode = "row"
 
     def __post_init__(self) -> None:
         if isinstance(self.schedule, (list, tuple)):
@@ -107,7 +100,7 @@ class Checkpoint:
     build: BuildOptions = field(default_factory=BuildOptions)
     input_size: tuple[int, ...] | None = None
     weights: str | None = None
-    format: str = "state_dict"
+    format: CheckpointFormat = "state_dict"
     format_version: int = FORMAT_VERSION
     module: nn.Module | None = None
     hf_config: dict[str, Any] | None = None
@@ -121,7 +114,9 @@ class Checkpoint:
             "format_version": self.format_version,
             "created_by": {"sdsurgery": str(__version__), "torch": str(torch.__version__)},  # TorchVersion is no str
             "source": {
-                "model": str(self.source.resolved()), **self.build.to_dict(), "weights": self.weights,
+                "model": str(self.source.resolved()),
+                **self.build.to_dict(),
+                "weights": self.weights,
                 **({"hf_config": self.hf_config} if self.hf_config is not None else {}),
             },
             "surgery": self.surgery.to_dict(),
@@ -147,7 +142,7 @@ class Checkpoint:
         """``source_model`` with this checkpoint's surgery applied; raises ``CheckpointError`` when the
         surgery now finds other sites or rates than were recorded."""
         options = self.surgery
-        plan = plan_stochastic_depth(source_model, options.p_max, schedule=_schedule_arg(options.schedule))
+        plan = plan_stochastic_depth(source_model, options.p_max, schedule=options.schedule)
         found = [_site_record(site) for site in plan.sites]
         difference = _first_difference(self.sites, found)
         if difference:
@@ -156,11 +151,7 @@ class Checkpoint:
                 f"written ({difference}); was the checkpoint written with another version of sdsurgery, "
                 "torchvision or timm?"
             )
-        model = apply_stochastic_depth(
-            source_model, options.p_max, schedule=_schedule_arg(options.schedule), mode=options.mode,
-            inplace=inplace, verify=False,
-        )
-        return model
+        return apply_plan(source_model, plan, mode=options.mode, inplace=inplace, verify=False)
 
     def model(self, *, trust_pickle: bool = False) -> nn.Module:
         """The retrofitted model, in train mode: rebuilt from the source spec and weights, or the
@@ -171,10 +162,6 @@ class Checkpoint:
         with torch.random.fork_rng(devices=[]):
             source = self.source_model(trust_pickle=trust_pickle)
         return self.retrofit(source, inplace=True).train()
-
-
-def _schedule_arg(schedule: str | tuple[float, ...]) -> str | list[float]:
-    return schedule if isinstance(schedule, str) else list(schedule)
 
 
 def _first_difference(recorded: Sequence[Mapping[str, Any]], found: Sequence[Mapping[str, Any]]) -> str | None:
@@ -197,11 +184,13 @@ def checkpoint_for(
     build: BuildOptions = BuildOptions(),
     input_size: Sequence[int] | None = None,
     weights: str | None = None,
-    format: str = "state_dict",
+    format: CheckpointFormat = "state_dict",
 ) -> Checkpoint:
     """Describe the retrofitted ``model`` made from ``source`` by ``surgery`` at ``sites`` as a checkpoint."""
-    if format not in FORMATS:
-        raise CheckpointError(f"unknown checkpoint format {format!r}: use one of {', '.join(map(repr, FORMATS))}")
+    if format not in CHECKPOINT_FORMATS:
+        raise CheckpointError(
+            f"unknown checkpoint format {format!r}: use one of {', '.join(map(repr, CHECKPOINT_FORMATS))}"
+        )
     return Checkpoint(
         source=source,
         surgery=surgery,
@@ -321,14 +310,16 @@ def _read_pickled(path: Path) -> Checkpoint:
     try:
         module = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:
-        raise CheckpointError(f"cannot unpickle {path}: {str(error).strip().splitlines()[0]}") from error
+        raise CheckpointError(f"cannot unpickle {path}: {first_line(error)}") from error
     metadata = getattr(module, PICKLE_ATTRIBUTE, None) if isinstance(module, nn.Module) else None
     if not isinstance(metadata, Mapping):
         raise CheckpointError(f"{path} is not an sdsurgery checkpoint: it holds a pickled {type(module).__name__}")
     return _parse(path, {**metadata, "state_dict": module.state_dict()}, module=module, format="pickle")
 
 
-def _parse(path: Path, contents: Any, *, module: nn.Module | None = None, format: str = "state_dict") -> Checkpoint:
+def _parse(
+    path: Path, contents: Any, *, module: nn.Module | None = None, format: CheckpointFormat = "state_dict"
+) -> Checkpoint:
     if not isinstance(contents, Mapping) or contents.get("format") != FORMAT:
         hint = " (a state dict? give it to a model with --weights)" if isinstance(contents, Mapping) else ""
         raise CheckpointError(f"{path} is not an sdsurgery checkpoint{hint}")

@@ -3,30 +3,31 @@ verified checkpoint, ``verify`` a written checkpoint again.
 
 Library code raises exceptions; only this module turns them into one line on stderr and an exit status:
 0 success, 1 bad input or failed check, 2 usage error. ``--debug`` re-raises instead, with the traceback.
+torch and the pass are imported when a command runs, so ``--help`` and usage errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
+from .choices import CHECKPOINT_FORMATS, MODES, SCHEDULES
+from .errors import SurgeryError, VerificationError, first_line
 
-from .checkpoint import FORMATS, SurgeryOptions, check_destination, checkpoint_for, read, save
-from .errors import SurgeryError, VerificationError
-from .models import BuildOptions, ModelSpec, build_model, load_weights, parse_model_spec
-from .ops import MODES
-from .plan import SurgeryPlan, no_sites_error, plan_stochastic_depth
-from .schedules import SCHEDULES
-from .surgery import apply_stochastic_depth
-from .verify import VerificationReport, default_example_inputs, verify
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .plan import SurgeryPlan
+    from .specs import BuildOptions, ModelSpec
+    from .verification import VerificationReport
 
 PROG = "sdsurgery"
 _UNTRACED_WARNING = "sdsurgery kept these modules"  # the site table already lists them
@@ -112,60 +113,109 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     debug = _Parser(add_help=False)
-    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                       help="show the full traceback of an error instead of one line")
+    debug.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the full traceback of an error instead of one line",
+    )
 
     model = _Parser(add_help=False)
-    model.add_argument("model", metavar="MODEL", help="torchvision:NAME, timm:NAME, the path of a pickled model or a Hugging Face model directory")
-    model.add_argument("--weights", metavar="FILE",
-                       help="weights to load: a state dict (.pth/.pt/.bin), a checkpoint nesting one under "
-                            "state_dict/model/model_ema, DDP 'module.' keys, or .safetensors")
+    model.add_argument(
+        "model",
+        metavar="MODEL",
+        help="torchvision:NAME, timm:NAME, the path of a pickled model or a Hugging Face model directory",
+    )
+    model.add_argument(
+        "--weights",
+        metavar="FILE",
+        help="weights to load: a state dict (.pth/.pt/.bin), a checkpoint nesting one under "
+        "state_dict/model/model_ema, DDP 'module.' keys, or .safetensors",
+    )
     model.add_argument("--weights-key", metavar="KEY", help="read the state dict nested under KEY in --weights")
     model.add_argument("--num-classes", type=_num_classes, metavar="N", help="classifier outputs of the architecture")
-    model.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-                       help="another architecture option for the builder, e.g. in_chans=1 (repeatable)")
-    model.add_argument("--trust-pickle", action="store_true",
-                       help="allow unpickling a whole model (runs code from the file: only for files you trust)")
+    model.add_argument(
+        "--model-arg",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another architecture option for the builder, e.g. in_chans=1 (repeatable)",
+    )
+    model.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a whole model (runs code from the file: only for files you trust)",
+    )
 
     schedule_help = f"drop-rate schedule over blocks by depth: {', '.join(SCHEDULES)}, or comma-separated rates"
-    parser = _Parser(prog=PROG, description=__doc__.split("\n\n")[0], epilog=MODEL_HELP, parents=[debug],
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog=MODEL_HELP,
+        parents=[debug],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{inspect,apply,verify}")
 
-    inspect = commands.add_parser(
-        "inspect", parents=[model, debug], epilog=MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="list the residual sites and their planned drop rates, changing nothing",
+    # The commands that take a MODEL share its options and the help text that explains it.
+    model_command = functools.partial(
+        commands.add_parser,
+        parents=[model, debug],
+        epilog=MODEL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    inspect = model_command("inspect", help="list the residual sites and their planned drop rates, changing nothing")
     inspect.add_argument("--p-max", type=_rate, default=0.1, metavar="P", help="deepest block's rate (default 0.1)")
     inspect.add_argument("--schedule", type=_schedule, default="linear", metavar="S", help=schedule_help)
     inspect.add_argument("--json", action="store_true", help="print the sites as one JSON document")
     inspect.add_argument("--plot", metavar="FILE.png", help="draw drop rate against depth (needs matplotlib)")
     inspect.set_defaults(run=_inspect)
 
-    apply = commands.add_parser(
-        "apply", parents=[model, debug], epilog=MODEL_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="retrofit stochastic depth, verify it, then write a checkpoint",
-    )
+    apply = model_command("apply", help="retrofit stochastic depth, verify it, then write a checkpoint")
     apply.add_argument("--p-max", type=_rate, required=True, metavar="P", help="deepest block's rate, in [0, 1)")
     apply.add_argument("--schedule", type=_schedule, default="linear", metavar="S", help=schedule_help)
-    apply.add_argument("--mode", choices=MODES, default="row", help="one draw per sample (row) or per batch")
-    apply.add_argument("--input-size", type=_input_size, metavar="C,H,W",
-                       help="input shape to verify on (default: the model's known input size)")
+    apply.add_argument(
+        "--mode",
+        choices=MODES,
+        default="row",
+        help="one draw per sample (row, default); one per block per batch, a dropped block not "
+        "computed (batch); or the block run on a random subset of the batch (subset)",
+    )
+    apply.add_argument(
+        "--input-size",
+        type=_input_size,
+        metavar="C,H,W",
+        help="input shape to verify on (default: the model's known input size)",
+    )
     apply.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint file to write")
     apply.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
-    apply.add_argument("--format", choices=FORMATS, default="state_dict",
-                       help="state_dict (default, loads with weights_only=True) or pickle (the whole module)")
+    apply.add_argument(
+        "--format",
+        choices=CHECKPOINT_FORMATS,
+        default="state_dict",
+        help="state_dict (default, loads with weights_only=True) or pickle (the whole module)",
+    )
     apply.set_defaults(run=_apply)
 
     check = commands.add_parser(
-        "verify", parents=[debug], help="rebuild a written checkpoint's source model and check eval equivalence",
+        "verify",
+        parents=[debug],
+        help="rebuild a written checkpoint's source model and check eval equivalence",
     )
     check.add_argument("checkpoint", metavar="OUT", help="a checkpoint written by 'sdsurgery apply'")
-    check.add_argument("--input-size", type=_input_size, metavar="C,H,W",
-                       help="input shape to verify on (default: the one apply verified on)")
-    check.add_argument("--trust-pickle", action="store_true",
-                       help="allow unpickling a --format pickle checkpoint or a pickled source model")
+    check.add_argument(
+        "--input-size",
+        type=_input_size,
+        metavar="C,H,W",
+        help="input shape to verify on (default: the one apply verified on)",
+    )
+    check.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow unpickling a --format pickle checkpoint or a pickled source model",
+    )
     check.set_defaults(run=_verify)
     return parser
 
@@ -239,6 +289,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _apply(args: argparse.Namespace) -> int:
+    from .checkpoint import SurgeryOptions, check_destination, checkpoint_for, save
+    from .surgery import apply_plan
+
     output = Path(args.output)
     check_destination(output, force=args.force)  # fail before the slow part; save checks again atomically
     spec, build, model = _source_model(args)
@@ -250,16 +303,20 @@ def _apply(args: argparse.Namespace) -> int:
     print()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_UNTRACED_WARNING)
-        retrofitted = apply_stochastic_depth(
-            model, args.p_max, schedule=_schedule_arg(args.schedule), mode=args.mode, verify=False
-        )
+        retrofitted = apply_plan(model, plan, mode=args.mode, verify=False)
     report = _check(model, retrofitted, inputs, spec)
     print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
         raise VerificationError(f"verification failed, nothing written to {output}: {_failures(report)}")
     checkpoint = checkpoint_for(
-        retrofitted, source=spec, surgery=SurgeryOptions(args.p_max, args.schedule, args.mode), sites=plan.sites,
-        build=build, input_size=input_size, weights=args.weights, format=args.format,
+        retrofitted,
+        source=spec,
+        surgery=SurgeryOptions(args.p_max, args.schedule, args.mode),
+        sites=plan.sites,
+        build=build,
+        input_size=input_size,
+        weights=args.weights,
+        format=args.format,
     )
     save(output, checkpoint, force=args.force)
     print(f"wrote {output} ({args.format} format, {output.stat().st_size / 1e6:.1f} MB)")
@@ -267,6 +324,8 @@ def _apply(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    from .checkpoint import read
+
     path = Path(args.checkpoint)
     checkpoint = read(path, trust_pickle=args.trust_pickle)
     options = f" ({checkpoint.build.describe()})" if checkpoint.build.describe() else ""
@@ -278,7 +337,7 @@ def _verify(args: argparse.Namespace) -> int:
         retrofitted = checkpoint.model(trust_pickle=args.trust_pickle)
     else:
         retrofitted = checkpoint.retrofit(original)
-    inputs, input_size = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
+    inputs, _ = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
     report = _check(original, retrofitted, inputs, checkpoint.source)
     print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
@@ -290,6 +349,9 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _source_model(args: argparse.Namespace) -> tuple[ModelSpec, BuildOptions, nn.Module]:
+    from .specs import BuildOptions, build_model, parse_model_spec
+    from .weights import load_weights
+
     spec = parse_model_spec(args.model)
     build = BuildOptions(num_classes=args.num_classes, model_args=dict(args.model_arg))
     model = build_model(spec, build, trust_pickle=args.trust_pickle)
@@ -300,12 +362,10 @@ def _source_model(args: argparse.Namespace) -> tuple[ModelSpec, BuildOptions, nn
     return spec, build, model
 
 
-def _schedule_arg(schedule: str | tuple[float, ...]) -> str | list[float]:
-    return schedule if isinstance(schedule, str) else list(schedule)
-
-
 def _plan(spec: ModelSpec, model: nn.Module, p_max: float, schedule: str | tuple[float, ...]) -> SurgeryPlan:
-    plan = plan_stochastic_depth(model, p_max, schedule=_schedule_arg(schedule))
+    from .plan import no_sites_error, plan_stochastic_depth
+
+    plan = plan_stochastic_depth(model, p_max, schedule=schedule)
     if not plan.sites:
         raise no_sites_error(f"{spec} ({type(model).__name__})", plan)
     return plan
@@ -316,6 +376,10 @@ def _example_inputs(
 ) -> tuple[tuple[torch.Tensor, ...] | dict[str, Any], tuple[int, ...] | None]:
     """Example inputs and the per-sample input size to record (``None`` for keyword inputs made from a
     Hugging Face model's config, which the checkpoint's config makes again)."""
+    import torch
+
+    from .inputs import default_example_inputs
+
     if input_size is not None:
         if spec.source == "hf":
             raise CliError(f"--input-size does not apply to {spec}: its example inputs come from its config")
@@ -336,13 +400,16 @@ def _describe_inputs(inputs: tuple[torch.Tensor, ...] | dict[str, Any]) -> str:
     return f"a {_shape(inputs[0].shape)} input"
 
 
-def _check(original: nn.Module, retrofitted: nn.Module, inputs: tuple | dict[str, Any], spec: ModelSpec) -> VerificationReport:
+def _check(
+    original: nn.Module, retrofitted: nn.Module, inputs: tuple | dict[str, Any], spec: ModelSpec
+) -> VerificationReport:
+    from .verification import verify
+
     try:
         return verify(original, retrofitted, inputs)
     except RuntimeError as error:  # the model cannot run on this input: say so instead of a torch traceback
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CliError(
-            f"{spec} does not run on {_describe_inputs(inputs)} ({first}): pass an --input-size it accepts"
+            f"{spec} does not run on {_describe_inputs(inputs)} ({first_line(error)}): pass an --input-size it accepts"
         ) from error
 
 
@@ -399,15 +466,24 @@ def format_sites(plan: SurgeryPlan) -> list[str]:
         headers.append("existing")
     rows = []
     for site in plan.sites:
-        row = [str(site.depth), site.block_path or "(model)", site.add, site.branch, site.skip, site.shortcut,
-               f"{site.drop_rate:.4f}"]
+        row = [
+            str(site.depth),
+            site.block_path or "(model)",
+            site.add,
+            site.branch,
+            site.skip,
+            site.shortcut,
+            f"{site.drop_rate:.4f}",
+        ]
         if with_existing:
             row.append(site.existing or "-")
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
     right = {0, 6}  # numbers
     lines = [
-        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip()
+        "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))
+        ).rstrip()
         for row in [headers, *rows]
     ]
     totals = _totals(plan)
@@ -434,7 +510,7 @@ def _plan_document(spec: ModelSpec, args: argparse.Namespace, plan: SurgeryPlan)
     return {
         "model": str(spec),
         "p_max": args.p_max,
-        "schedule": _schedule_arg(args.schedule),
+        "schedule": args.schedule if isinstance(args.schedule, str) else list(args.schedule),
         **_totals(plan),
         "sites": [
             {

@@ -31,7 +31,9 @@ def rewrap(decorated: Callable[..., Any], inner: Callable[..., Any]) -> Callable
     new_wrapped = rewrap(wrapped, inner)
     closure = decorated.__closure__ or ()
     if not any(_contents(cell) is wrapped for cell in closure):
-        raise ValueError(f"cannot re-apply the decorator {decorated.__qualname__}: it does not hold the function it wraps")
+        raise ValueError(
+            f"cannot re-apply the decorator {decorated.__qualname__}: it does not hold the function it wraps"
+        )
     cells = []
     self_cells = []
     for cell in closure:

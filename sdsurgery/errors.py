@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 
+def first_line(error: BaseException | str) -> str:
+    """The first line of an error's message (libraries follow the cause with paragraphs of advice), or the
+    exception's type name when the message is empty."""
+    text = str(error).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
 class SurgeryError(Exception):
     """Base class for errors of the stochastic-depth surgery."""
 
@@ -15,7 +24,7 @@ class TraceError(SurgeryError):
         self.module_type = module_type
         self.cause = cause
         where = f"module '{module_path}' ({module_type})" if module_path else f"the model's own forward ({module_type})"
-        self.reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        self.reason = first_line(cause)
         super().__init__(
             f"torch.fx could not trace {where}: {self.reason}. Make that code traceable, or pass its class in "
             f"leaf_modules=[...] (or the helper it calls in autowrap_functions=[...]) so it is kept as one opaque call."

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SurgeryError
+from .errors import SurgeryError, first_line
 
 SEQUENCE_LENGTH = 8
 """Tokens (or audio frames per feature) in example inputs made from a config."""
@@ -36,9 +36,7 @@ def _transformers() -> Any:
     try:
         import transformers
     except ImportError as error:
-        raise HFModelError(
-            "Hugging Face models need transformers: pip install 'sdsurgery[hf]'"
-        ) from error
+        raise HFModelError("Hugging Face models need transformers: pip install 'sdsurgery[hf]'") from error
     return transformers
 
 
@@ -62,14 +60,14 @@ def load_model_directory(path: str | Path) -> nn.Module:
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as error:
-        raise HFModelError(f"cannot read the Hugging Face config in {path}: {_first_line(error)}") from error
+        raise HFModelError(f"cannot read the Hugging Face config in {path}: {first_line(error)}") from error
     cls = model_class(config)
     progress = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a command's output is its own
     try:
         return cls.from_pretrained(str(path), local_files_only=True).eval()
     except Exception as error:
-        raise HFModelError(f"cannot load {cls.__name__} from {path}: {_first_line(error)}") from error
+        raise HFModelError(f"cannot load {cls.__name__} from {path}: {first_line(error)}") from error
     finally:
         if progress:
             transformers.utils.logging.enable_progress_bar()
@@ -87,7 +85,7 @@ def model_from_config_dict(data: Mapping[str, Any]) -> nn.Module:
     try:
         config = transformers.AutoConfig.for_model(data.pop("model_type"), **data)
     except Exception as error:
-        raise HFModelError(f"cannot rebuild the Hugging Face config: {_first_line(error)}") from error
+        raise HFModelError(f"cannot rebuild the Hugging Face config: {first_line(error)}") from error
     return model_class(config)(config).eval()
 
 
@@ -135,8 +133,11 @@ def _pairs_text_with_images(config: Any, parameters: Mapping[str, Any]) -> bool:
     opposed to placing image features at image tokens of the text (LLaVA-style: text alone runs)."""
     has_image_tokens = any(getattr(config, n, None) is not None for n in ("image_token_id", "image_token_index"))
     return (
-        "input_ids" in parameters and "pixel_values" in parameters and getattr(config, "vision_config", None) is not None
-        and getattr(config, "text_config", None) is not None and not has_image_tokens
+        "input_ids" in parameters
+        and "pixel_values" in parameters
+        and getattr(config, "vision_config", None) is not None
+        and getattr(config, "text_config", None) is not None
+        and not has_image_tokens
     )
 
 
@@ -150,8 +151,3 @@ def _setting(config: Any, name: str) -> Any:
         if sub is not None and getattr(sub, name, None) is not None:
             return getattr(sub, name)
     return None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

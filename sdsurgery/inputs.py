@@ -2,7 +2,7 @@
 
 ``example_inputs`` is one tensor (``model(x)``), a tuple of positional arguments (``model(*args)``) or a dict
 of keyword arguments (``model(**kwargs)``, how Hugging Face models are called). :func:`as_call` turns any of
-them into an :class:`ExampleCall`; planning (:mod:`.plan`, :mod:`.parts`) and verification (:mod:`.verify`)
+them into an :class:`ExampleCall`; planning (:mod:`.plan`, :mod:`.parts`) and verification (:mod:`.verification`)
 call the model only through it.
 """
 
@@ -12,13 +12,13 @@ import inspect
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-ExampleInputs = Union[torch.Tensor, tuple, Mapping[str, Any]]
+ExampleInputs = torch.Tensor | tuple | Mapping[str, Any]
 """One input tensor, a tuple of positional inputs, or a dict of keyword inputs."""
 
 
@@ -105,8 +105,9 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
 def is_transformers_model(model: nn.Module) -> bool:
     """Whether ``model`` is a Hugging Face transformers model (a ``PreTrainedModel``), without importing
     transformers when it is not loaded."""
-    return any(cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.")
-               for cls in type(model).__mro__)
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers.") for cls in type(model).__mro__
+    )
 
 
 def example_call(model: nn.Module, example_inputs: ExampleInputs | ExampleCall | None) -> ExampleCall | None:

@@ -23,22 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-MODES = ("row", "batch", "subset")
+from .choices import Mode, check_mode, check_rate
 
 
-def _check_rate(p: float) -> float:
-    if not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"stochastic depth rate p must be in [0, 1), got {p!r}")
-    return float(p)
-
-
-def _check_mode(mode: str) -> str:
-    if mode not in MODES:
-        raise ValueError(f"stochastic depth mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    return mode
-
-
-def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: str = "row") -> torch.Tensor:
+def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: Mode = "row") -> torch.Tensor:
     """Drop the residual branch output ``x`` with probability ``p`` and rescale what is kept by ``1 / (1 - p)``.
 
     ``mode="row"`` draws one keep/drop decision per sample (mask of shape ``[B, 1, ..., 1]``);
@@ -48,8 +36,8 @@ def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: str = "row
     itself when not ``training`` or when ``p == 0``. Raises ``ValueError`` for ``p`` outside ``[0, 1)`` or an
     unknown mode.
     """
-    _check_rate(p)
-    _check_mode(mode)
+    check_rate(p)
+    check_mode(mode)
     if not training or p == 0.0:
         return x
     q = 1.0 - p
@@ -63,7 +51,7 @@ def stochastic_depth(x: torch.Tensor, p: float, training: bool, mode: str = "row
     return x * mask / q
 
 
-def _mask_shape(x: torch.Tensor, mode: str) -> tuple[int, ...]:
+def _mask_shape(x: torch.Tensor, mode: Mode) -> tuple[int, ...]:
     return (x.shape[0],) + (1,) * (x.ndim - 1) if mode == "row" else (1,) * x.ndim
 
 
@@ -87,7 +75,7 @@ def _subset_rows_fake(rate: torch.Tensor, batch: int, device: torch.device) -> t
     return torch.empty(kept, dtype=torch.long, device=device), torch.empty((), dtype=torch.float64)
 
 
-def _compiled_stochastic_depth(x: torch.Tensor, rate: torch.Tensor, mode: str) -> torch.Tensor:
+def _compiled_stochastic_depth(x: torch.Tensor, rate: torch.Tensor, mode: Mode) -> torch.Tensor:
     """Training-mode stochastic depth with the rate as a tensor: what a compiled graph runs.
 
     Same distribution as :func:`stochastic_depth`, without Python control flow on the rate (``p == 0``
@@ -119,10 +107,10 @@ class StochasticDepth(nn.Module):
 
     rate: torch.Tensor
 
-    def __init__(self, p: float = 0.0, mode: str = "row", depth: int | None = None) -> None:
+    def __init__(self, p: float = 0.0, mode: Mode = "row", depth: int | None = None) -> None:
         super().__init__()
         # On the host even under a `with torch.device("meta")` model build: to_empty() does not reach it.
-        self.rate = torch.tensor(_check_rate(p), dtype=torch.float64, device="cpu")
+        self.rate = torch.tensor(check_rate(p), dtype=torch.float64, device="cpu")
         self.mode = mode
         self.depth = depth
 
@@ -132,15 +120,15 @@ class StochasticDepth(nn.Module):
 
     @p.setter
     def p(self, value: float) -> None:
-        self.rate.fill_(_check_rate(value))
+        self.rate.fill_(check_rate(value))
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self._mode
 
     @mode.setter
-    def mode(self, value: str) -> None:
-        self._mode = _check_mode(value)
+    def mode(self, value: Mode) -> None:
+        self._mode = check_mode(value)
 
     # timm's DropPath calls its rate ``drop_prob``; code written for timm reads and sets it under that name.
     drop_prob = p
@@ -157,39 +145,31 @@ class StochasticDepth(nn.Module):
         return f"p={self.p:.6g}, mode={self._mode!r}{depth}"
 
 
-def _existing_module_types() -> tuple[type[nn.Module], ...]:
-    types: list[type[nn.Module]] = [StochasticDepth]
-    try:
-        from torchvision.ops import StochasticDepth as TorchvisionStochasticDepth
-
-        types.append(TorchvisionStochasticDepth)
-    except ImportError:  # torchvision is optional for the op itself
-        pass
-    try:
-        from timm.layers import DropPath
-
-        types.append(DropPath)
-    except ImportError:
-        pass
-    return tuple(types)
+# Other libraries' stochastic depth, by the module that defines it. A model that holds one has imported that
+# module, so it is looked up in sys.modules: importing torchvision and timm here would cost every start-up.
+_THIRD_PARTY_CLASSES = (("torchvision.ops.stochastic_depth", "StochasticDepth"), ("timm.layers.drop", "DropPath"))
+_THIRD_PARTY_FUNCTIONS = (("torchvision.ops.stochastic_depth", "stochastic_depth"),)
 
 
-def _existing_functions() -> tuple[object, ...]:
-    functions: list[object] = [stochastic_depth]
-    try:
-        from torchvision.ops import stochastic_depth as torchvision_stochastic_depth
-
-        functions.append(torchvision_stochastic_depth)
-    except ImportError:
-        pass
-    return tuple(functions)
+def _loaded(names: tuple[tuple[str, str], ...]) -> list[Any]:
+    found = []
+    for module_name, attribute in names:
+        value = getattr(sys.modules.get(module_name), attribute, None)
+        if value is not None:
+            found.append(value)
+    return found
 
 
-STOCHASTIC_DEPTH_MODULES: tuple[type[nn.Module], ...] = _existing_module_types()
-"""Module classes recognised as stochastic depth already in a model (ours, torchvision's, timm's)."""
+def known_stochastic_depth_classes() -> tuple[type[nn.Module], ...]:
+    """The module classes known by name to be stochastic depth: ours, and torchvision's ``StochasticDepth``
+    and timm's ``DropPath`` once their libraries are imported."""
+    return (StochasticDepth, *_loaded(_THIRD_PARTY_CLASSES))
 
-STOCHASTIC_DEPTH_FUNCTIONS: tuple[object, ...] = _existing_functions()
-"""Functions recognised as stochastic depth when a traced graph calls them (ours, torchvision's)."""
+
+def known_stochastic_depth_functions() -> tuple[Callable[..., torch.Tensor], ...]:
+    """The functions known by name to be stochastic depth: ours, and torchvision's ``stochastic_depth`` once
+    torchvision is imported."""
+    return (stochastic_depth, *_loaded(_THIRD_PARTY_FUNCTIONS))
 
 
 RATE_NAMES = ("p", "drop_prob", "drop_rate", "drop_path_rate", "drop_connect_rate", "rate", "prob")
@@ -205,8 +185,8 @@ def is_stochastic_depth_op(op: object) -> bool:
     depth: tracing keeps such ops as single calls, and the pass re-rates one already on a branch instead of
     stacking another."""
     if isinstance(op, nn.Module):
-        return isinstance(op, STOCHASTIC_DEPTH_MODULES) or _module_drops_samples(op)
-    if op in STOCHASTIC_DEPTH_FUNCTIONS:
+        return isinstance(op, known_stochastic_depth_classes()) or _module_drops_samples(op)
+    if any(op is function for function in known_stochastic_depth_functions()):
         return True
     try:
         return inspect.isfunction(op) and _function_drops_samples(op)
@@ -253,7 +233,7 @@ def _rate_name(names: Iterable[str]) -> str | None:
     return next((name for name in names if name in RATE_NAMES), None)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _function_drops_samples(function: Callable[..., Any]) -> bool:
     try:
         parameters = list(inspect.signature(function).parameters)
@@ -291,7 +271,7 @@ def _drops_samples(run: Callable[[torch.Tensor, bool], Any]) -> bool:
             if not torch.equal(run(x.clone(), False), x):
                 return False
             rows = run(x.clone(), True)
-    except Exception:  # noqa: BLE001 - a function that does not take these arguments is not one
+    except Exception:
         return False
     if not isinstance(rows, torch.Tensor) or rows.shape != x.shape:
         return False
@@ -299,14 +279,6 @@ def _drops_samples(run: Callable[[torch.Tensor, bool], Any]) -> bool:
     dropped = (rows == 0).all(1)
     kept = rows[~dropped]
     return bool(dropped.any()) and len(kept) > 0 and bool((kept == kept[0, 0]).all()) and kept[0, 0].item() > 0
-
-
-def drop_rate_of(module: nn.Module) -> float:
-    """The drop rate of a recognised stochastic-depth module (``p``, timm's ``drop_prob``, ...)."""
-    if isinstance(module, StochasticDepth):
-        return module.p
-    name = _rate_name(n for n in RATE_NAMES if isinstance(getattr(module, n, None), float))
-    return float(getattr(module, name)) if name is not None else 0.0
 
 
 def set_drop_rate_of(module: nn.Module, rate: float) -> None:

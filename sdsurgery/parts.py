@@ -25,23 +25,19 @@ from torch import fx, nn
 
 from .errors import TraceError
 from .inputs import ExampleCall, bind_arguments
-from .ops import STOCHASTIC_DEPTH_MODULES
 from .residuals import find_residual_adds
 from .tracing import (
     ModuleCall,
     ShapeExamples,
     Trace,
     TraceOptions,
-    _unchanged,
+    join_path,
+    left_unchanged,
     new_fake_mode,
     timm_leaf_modules,
     to_fake,
     trace,
 )
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
 
 
 @dataclass
@@ -91,13 +87,13 @@ class TracedModel:
             options = replace(
                 options,
                 leaf_modules=tuple(dict.fromkeys((*options.leaf_modules, *o.leaf_modules))),
-                leaf_paths=options.leaf_paths | {_join(part.path, p) for p in o.leaf_paths},
+                leaf_paths=options.leaf_paths | {join_path(part.path, p) for p in o.leaf_paths},
                 concrete_shapes=options.concrete_shapes or o.concrete_shapes,
             )
             if examples is not None:
                 for path, call in part.trace.module_calls.items():
                     if call.values is not None:
-                        examples.setdefault(_join(part.path, path), call.values)
+                        examples.setdefault(join_path(part.path, path), call.values)
         if examples is not None:
             options = replace(options, examples=replace(options.examples, calls=examples))
         return options
@@ -110,7 +106,7 @@ class TracedModel:
         calls = dict(self.calls)
         for part in _traced_parts(self.root):
             for path, call in part.trace.module_calls.items():
-                path = _join(part.path, path)
+                path = join_path(part.path, path)
                 calls[path] = _merged_call(call, calls[path]) if path in calls else call
         return calls
 
@@ -146,7 +142,7 @@ def execution_order(root: Part | None) -> Iterator[tuple[Part, fx.Node]]:
     for node in root.trace.graph.nodes:
         yield root, node
         if node.op == "call_module":
-            inner = pending.pop(_join(root.path, node.target), None)
+            inner = pending.pop(join_path(root.path, node.target), None)
             if inner is not None:
                 yield from execution_order(inner)
     for inner in pending.values():  # called only from inside another kept module
@@ -177,7 +173,7 @@ def _trace_part(traced: TracedModel, path: str) -> Part:
             traced.root_error = error
         return _split(traced, path)
     for kept in part.options.leaf_paths:
-        kept_path = _join(path, kept)
+        kept_path = join_path(path, kept)
         if kept_path in traced.untraced:
             part.inner[kept_path] = _split(traced, kept_path)
     return part
@@ -189,15 +185,18 @@ def _split(traced: TracedModel, path: str) -> Part:
     module = traced.model.get_submodule(path)
     children = []
     for name, child in module.named_children():
-        child_path = _join(path, name)
-        if isinstance(child, STOCHASTIC_DEPTH_MODULES) or next(child.parameters(), None) is None:
-            continue  # no parameters: no residual branch can be in it
-        if traced.order is not None and not any(p == child_path or p.startswith(child_path + ".") for p in traced.order):
+        child_path = join_path(path, name)
+        if next(child.parameters(), None) is None:
+            continue  # no parameters (stochastic depth included): no residual branch can be in it
+        if traced.order is not None and not any(
+            p == child_path or p.startswith(child_path + ".") for p in traced.order
+        ):
             continue  # the forward never calls it, nor anything in it
         children.append(child_path)
     if traced.order is not None:
-        first_call = {c: min((i for p, i in traced.order.items() if p == c or p.startswith(c + ".")), default=0)
-                      for c in children}
+        first_call = {
+            c: min((i for p, i in traced.order.items() if p == c or p.startswith(c + ".")), default=0) for c in children
+        }
         children.sort(key=first_call.__getitem__)
     part = Part(path, None, traced.options.relative_to(path))
     for child_path in children:
@@ -227,7 +226,7 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
                 continue
             if error.module_path == path or error.module_path in untraced:
                 raise
-            inner = error.module_path[len(path) + 1:] if path else error.module_path
+            inner = error.module_path[len(path) + 1 :] if path else error.module_path
             cls = type(module.get_submodule(inner))
             if cls in timm_leaf_modules() and cls not in options.leaf_modules:
                 timm_leaves[cls] = error.reason
@@ -239,9 +238,11 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     for node in result.graph.find_nodes(op="call_module"):
         cls = type(module.get_submodule(node.target))
         if cls in timm_leaves:
-            untraced[_join(path, node.target)] = f"timm registers {cls.__name__} as not traceable ({timm_leaves[cls]})"
+            untraced[join_path(path, node.target)] = (
+                f"timm registers {cls.__name__} as not traceable ({timm_leaves[cls]})"
+            )
     traced.untraced.update(untraced)
-    traced.specialised.update({_join(path, p): where for p, where in result.specialised.items()})
+    traced.specialised.update({join_path(path, p): where for p, where in result.specialised.items()})
     return Part(path, result, options)
 
 
@@ -286,12 +287,15 @@ def _capture_calls(traced: TracedModel) -> None:
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
     try:
-        for run in (_run_fake, _run_real):
+        for on_fake_tensors in (True, False):
             calls.clear()
             order.clear()
             try:
-                with torch.no_grad(), _unchanged(model, buffers=True):
-                    run(model, traced.example_inputs, fake_mode)
+                with torch.no_grad(), left_unchanged(model, buffers=True):
+                    if on_fake_tensors:
+                        _run_fake(model, traced.example_inputs, fake_mode)
+                    else:
+                        traced.example_inputs(model)
                 break
             except Exception:  # data-dependent code does not run on fake tensors: run the real input
                 continue
@@ -310,7 +314,3 @@ def _run_fake(model: nn.Module, call: ExampleCall, fake_mode: Any) -> None:
     fake_call = call.map(lambda v: to_fake(fake_mode, v))
     with fake_mode:
         fake_call(model)
-
-
-def _run_real(model: nn.Module, call: ExampleCall, fake_mode: Any) -> None:
-    call(model)

@@ -11,20 +11,20 @@ import fnmatch
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from torch import nn
 
+from .choices import ShortcutKind, check_rate
 from .errors import NoResidualSitesError
 from .inputs import ExampleInputs, example_call
-from .ops import _check_rate
 from .parts import execution_order, trace_model
 from .repeated import find_repeated_blocks, residuals_left_alone
 from .residuals import ResidualAdd, add_operands, add_ordinals, find_residual_adds
 from .schedules import Schedule, drop_rates
-from .tracing import ModuleCall, TraceOptions
+from .tracing import ModuleCall, TraceOptions, join_path
 
-ModuleFilter = Union[str, type[nn.Module]]
+ModuleFilter = str | type[nn.Module]
 """A module-path glob (``"layer4.*"``) or a module class."""
 
 
@@ -43,7 +43,7 @@ class ResidualSite:
     add: str
     branch: str
     skip: str
-    shortcut: str
+    shortcut: ShortcutKind
     depth: int
     drop_rate: float
     existing: str | None = None
@@ -117,7 +117,9 @@ def no_sites_error(what: str, plan: SurgeryPlan) -> NoResidualSitesError:
     untraced = (
         f"; these modules did not trace, so their residual additions (if any) could not be found: "
         f"{describe_untraced(plan.untraced)}. Make them traceable, or pass their classes in leaf_modules=[...] "
-        "to silence this" if plan.untraced else ""
+        "to silence this"
+        if plan.untraced
+        else ""
     )
     return NoResidualSitesError(
         f"no residual addition found in {what}: nothing to put stochastic depth on (residual means y = x + F(x) "
@@ -126,13 +128,7 @@ def no_sites_error(what: str, plan: SurgeryPlan) -> NoResidualSitesError:
 
 
 def _matches(path: str, module: nn.Module, filters: Sequence[ModuleFilter]) -> bool:
-    return any(
-        fnmatch.fnmatchcase(path, f) if isinstance(f, str) else isinstance(module, f) for f in filters
-    )
-
-
-def _join(*parts: str) -> str:
-    return ".".join(p for p in parts if p)
+    return any(fnmatch.fnmatchcase(path, f) if isinstance(f, str) else isinstance(module, f) for f in filters)
 
 
 def plan_stochastic_depth(
@@ -160,7 +156,7 @@ def plan_stochastic_depth(
     traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The
     model is not changed.
     """
-    _check_rate(p_max)
+    check_rate(p_max)
     call = example_call(model, example_inputs)
     options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
     traced = trace_model(model, options, call)
@@ -178,10 +174,10 @@ def plan_stochastic_depth(
         a = found[id(part)].get(node)
         if a is None:
             continue
-        path = _join(part.path, a.block_path)
+        path = join_path(part.path, a.block_path)
         candidates.append((path, a, ordinals[id(part)][node]))
         if a.scope is not None:
-            scopes[a.add] = _join(part.path, a.scope)
+            scopes[a.add] = join_path(part.path, a.scope)
         part_depth = part.path.count(".") + 1 if part.path else 0
         call_depths[path] = part_depth + len(node.meta.get("nn_module_stack") or {})
     if not candidates and traced.root_error is not None:
@@ -190,7 +186,11 @@ def plan_stochastic_depth(
     repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
     # A module adding what its caller passes it holds a residual only where the whole path lies in one
     # repeated block (BERT's output sub-modules); elsewhere its sum merges paths (a feature pyramid).
-    merges = {a.add for _, a, _ in candidates if a.add in scopes and (not repeated.blocks or repeated.block_of(scopes[a.add]) is None)}
+    merges = {
+        a.add
+        for _, a, _ in candidates
+        if a.add in scopes and (not repeated.blocks or repeated.block_of(scopes[a.add]) is None)
+    }
     if merges:
         candidates = [c for c in candidates if c[1].add not in merges]
         repeated = find_repeated_blocks(model, [path for path, _, _ in candidates])
@@ -232,8 +232,16 @@ def plan_stochastic_depth(
             )
         )
     return SurgeryPlan(
-        sites, len(block_keys), traced.untraced, traced.all_calls(), traced.merged_options(), traced.specialised,
-        [part.path for part in traced.parts()], call_depths, left_alone, repeated.blocks,
+        sites,
+        len(block_keys),
+        traced.untraced,
+        traced.all_calls(),
+        traced.merged_options(),
+        traced.specialised,
+        [part.path for part in traced.parts()],
+        call_depths,
+        left_alone,
+        repeated.blocks,
     )
 
 
@@ -248,27 +256,14 @@ def _describe(node) -> str | None:
     return node.target if node.op == "call_module" else getattr(node.target, "__name__", str(node.target))
 
 
-def find_residual_sites(
-    model: nn.Module,
-    p_max: float = 0.1,
-    *,
-    schedule: Schedule = "linear",
-    nested: bool = False,
-    include: Sequence[ModuleFilter] | None = None,
-    exclude: Sequence[ModuleFilter] = (),
-    leaf_modules: Iterable[type[nn.Module]] = (),
-    autowrap_functions: Iterable[Callable[..., Any]] = (),
-    example_inputs: ExampleInputs | None = None,
-) -> ResidualSites:
+def find_residual_sites(model: nn.Module, p_max: float = 0.1, **options: Any) -> ResidualSites:
     """The residual sites of ``model`` with their depth and planned rate, without changing anything.
 
-    Same arguments as :func:`apply_stochastic_depth`; see :func:`plan_stochastic_depth`. The result is a list
-    of :class:`ResidualSite` whose ``untraced`` attribute names the modules that did not trace (and why); a
-    warning names them too, as :func:`apply_stochastic_depth` does.
+    Takes the keyword options of :func:`plan_stochastic_depth` (the planning options of
+    :func:`apply_stochastic_depth`). The result is a list of :class:`ResidualSite` whose ``untraced``
+    attribute names the modules that did not trace (and why); a warning names them too, as
+    :func:`apply_stochastic_depth` does.
     """
-    plan = plan_stochastic_depth(
-        model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
-    )
+    plan = plan_stochastic_depth(model, p_max, **options)
     warn_untraced(plan.untraced)
     return ResidualSites(plan.sites, plan.untraced)

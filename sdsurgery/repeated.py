@@ -136,15 +136,15 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
         and path not in compound
         and (
             any(_is_within(path, e) for e in innermost)
-            or isinstance(model.get_submodule(path), _GENERIC_CONTAINERS)
-            and any(kind(k) in element_kinds for k in children[path])
+            or (
+                isinstance(model.get_submodule(path), _GENERIC_CONTAINERS)
+                and any(kind(k) in element_kinds for k in children[path])
+            )
         )
     ]
     stages += sibling_stages
     elements = repeated | {k for stage in stages for k in children[stage]}
-    blocks = tuple(
-        sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements))
-    )
+    blocks = tuple(sorted(e for e in elements if not any(o != e and _is_within(o, e) for o in elements)))
     return RepeatedBlocks(tuple(sorted(stages)), blocks)
 
 
@@ -164,7 +164,7 @@ def residuals_left_alone(repeated: RepeatedBlocks, sites: Sequence[tuple[str, in
     for index, ((path, _), unit) in enumerate(zip(sites, units)):
         if unit is not None or path in alone:
             continue
-        following = [u for u in units[index + 1:] if u is not None]
+        following = [u for u in units[index + 1 :] if u is not None]
         nearest = following[0] if following else next(u for u in reversed(units[:index]) if u is not None)
         if not path or heaviest[path] < heaviest[nearest]:
             alone.add(path)

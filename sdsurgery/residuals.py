@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from .choices import ShortcutKind
 from .ops import is_stochastic_depth_op
 from .tracing import owner_path
 
@@ -64,7 +65,7 @@ def add_operands(node: fx.Node) -> tuple[object, object] | None:
     return operands[0], operands[1]
 
 
-def _is_shape_only(node: fx.Node) -> bool:
+def is_shape_only(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SHAPE_ONLY_METHODS
     if node.op == "call_function":
@@ -76,7 +77,7 @@ def _is_shape_only(node: fx.Node) -> bool:
 
 def _is_shape_derived(node: fx.Node) -> bool:
     """Whether ``node`` is computed from shape reads alone (a size, a product of sizes), not from values."""
-    if _is_shape_only(node):
+    if is_shape_only(node):
         return True
     inputs = node.all_input_nodes
     return node.op in ("call_function", "call_method") and bool(inputs) and all(map(_is_shape_derived, inputs))
@@ -88,7 +89,7 @@ def input_dependent_nodes(graph: fx.Graph) -> set[fx.Node]:
     for node in graph.nodes:
         if node.op == "placeholder":
             dependent.add(node)
-        elif node.op in ("call_function", "call_method", "call_module") and not _is_shape_only(node):
+        elif node.op in ("call_function", "call_method", "call_module") and not is_shape_only(node):
             if any(n in dependent for n in node.all_input_nodes):
                 dependent.add(node)
     return dependent
@@ -114,7 +115,7 @@ def value_ancestors(node: fx.Node) -> set[fx.Node]:
     stack = [node]
     while stack:
         current = stack.pop()
-        if current is not node and _is_shape_only(current):
+        if current is not node and is_shape_only(current):
             continue
         for parent in current.all_input_nodes:
             if parent not in seen:
@@ -238,7 +239,7 @@ class ResidualAdd:
     skip: fx.Node
     branch: fx.Node
     block_path: str
-    shortcut: str
+    shortcut: ShortcutKind
     branch_nodes: frozenset[fx.Node]
     existing: fx.Node | None
     branch_parameters: int = 0

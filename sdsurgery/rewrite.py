@@ -11,7 +11,7 @@ example had none, another flag) is routed to a trace made for that form on its f
 trace can be made, to the block's original code (with a warning: no stochastic depth there); never to a
 graph traced for another form. In eval mode, where stochastic depth is the identity, a block runs its own
 original code, so eval outputs are the original's by construction, whatever the call form, fused fast
-paths and nested tensors included; the graphs are what training runs and what :mod:`.verify` checks.
+paths and nested tensors included; the graphs are what training runs and what :mod:`.verification` checks.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from __future__ import annotations
 import inspect
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,8 +28,9 @@ import torch
 from torch import fx, nn
 
 from .callforms import CallForm, call_key, concrete_arguments
+from .choices import Mode
 from .decorators import decorated_forward, rewrap
-from .errors import SurgeryError, TraceError
+from .errors import SurgeryError, TraceError, first_line
 from .inputs import bind_arguments, model_mode
 from .ops import StochasticDepth
 from .residuals import (
@@ -38,7 +39,6 @@ from .residuals import (
     classify_add,
     existing_stochastic_depth,
     input_dependent_nodes,
-    is_stochastic_depth,
 )
 from .tracing import ShapeExamples, TraceOptions, new_fake_mode, owner_path, to_fake, trace
 
@@ -81,13 +81,8 @@ class RetrofittedBlock(fx.GraphModule):
             super().__init__(block, train_graph, class_name=class_name)
         # Share the block's own tree instead of the copies fx makes of what one graph references: every
         # parameter, buffer and child keeps its name and order, including those only the other graph uses.
-        self._modules = OrderedDict(block._modules)
-        self._parameters = OrderedDict(block._parameters)
-        self._buffers = OrderedDict(block._buffers)
-        self._non_persistent_buffers_set = set(block._non_persistent_buffers_set)
-        for name, value in vars(block).items():
-            if not name.startswith("_") and name != "training" and not hasattr(self, name):
-                setattr(self, name, value)
+        share_module_tree(self, block)
+        copy_plain_attributes(self, block)
         for name, value in constants.items():
             setattr(self, name, value)
         self.constants = constants
@@ -134,7 +129,9 @@ class RetrofittedBlock(fx.GraphModule):
             try:
                 cls.forward = rewrap(decorated, forward)
             except ValueError as error:
-                warnings.warn(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2)
+                warnings.warn(
+                    f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2
+                )
         return code
 
     def _route(self, graph_forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -150,8 +147,11 @@ class RetrofittedBlock(fx.GraphModule):
         if isinstance(route, _OriginalCode):
             retrace = self.__dict__["_retrace"]
             if self.training and route.reason:
-                warnings.warn(f"sdsurgery: {route.reason}; such calls run its original code, without stochastic "
-                              "depth in training", stacklevel=3)
+                warnings.warn(
+                    f"sdsurgery: {route.reason}; such calls run its original code, without stochastic "
+                    "depth in training",
+                    stacklevel=3,
+                )
             retrace.block.training = self.training
             return _undecorated_forward(retrace.block)(*args, **kwargs)
         return route[self.training](*args, **kwargs)
@@ -212,7 +212,12 @@ class RetrofittedBlock(fx.GraphModule):
             state = root.__dict__
             graphs = (state["train_graph"], state["eval_graph"])
             RetrofittedBlock.__init__(
-                copy, root, *graphs, state["block_class_name"], state["constants"], state.get("_retrace"),
+                copy,
+                root,
+                *graphs,
+                state["block_class_name"],
+                state["constants"],
+                state.get("_retrace"),
                 state["block_class"],
             )
 
@@ -221,13 +226,21 @@ class RetrofittedBlock(fx.GraphModule):
     def __reduce__(self):
         # fx pickles a GraphModule as its generated code; pickle each mode's graph that way, sharing modules.
         shell = nn.Module()
-        shell._modules, shell._parameters, shell._buffers = self._modules, self._parameters, self._buffers
-        shell._non_persistent_buffers_set = self._non_persistent_buffers_set
+        share_module_tree(shell, self)
         with _attributes(shell, self.constants):
             train = fx.GraphModule(shell, self.train_graph)
             evaluate = fx.GraphModule(shell, self.eval_graph) if self.eval_graph is not None else None
         retrace = self.__dict__.get("_retrace")
-        state = (shell, train, evaluate, self.block_class_name, self.constants, self.training, retrace, self.block_class)
+        state = (
+            shell,
+            train,
+            evaluate,
+            self.block_class_name,
+            self.constants,
+            self.training,
+            retrace,
+            self.block_class,
+        )
         return (_restore_block, state)
 
 
@@ -243,6 +256,24 @@ def _restore_block(
 ) -> RetrofittedBlock:
     graphs = (train.graph, evaluate.graph if evaluate is not None else None)
     return RetrofittedBlock(shell, *graphs, class_name, constants, retrace, block_class).train(training)
+
+
+def share_module_tree(target: nn.Module, source: nn.Module, children: Mapping[str, nn.Module] | None = None) -> None:
+    """Make ``target`` hold ``source``'s children (or ``children``), parameters and buffers: the same objects
+    under the same names in the same order, so that ``state_dict()`` keys do not change."""
+    target._modules = OrderedDict(source._modules if children is None else children)
+    target._parameters = OrderedDict(source._parameters)
+    target._buffers = OrderedDict(source._buffers)
+    target._non_persistent_buffers_set = set(source._non_persistent_buffers_set)
+
+
+def copy_plain_attributes(target: nn.Module, source: nn.Module, exclude: Iterable[str] = ()) -> None:
+    """Copy ``source``'s public plain attributes that ``target`` lacks (a parent module may read them:
+    timm's ``blocks[0].num_heads``, torchvision's ``stride``), except ``training`` and ``exclude``."""
+    skipped = {"training", *exclude}
+    for name, value in vars(source).items():
+        if not name.startswith("_") and name not in skipped and not hasattr(target, name):
+            setattr(target, name, value)
 
 
 _TRACED_FORM = "traced form"
@@ -297,11 +328,10 @@ class Retrace:
             if concrete is None:
                 raise SurgeryError("an argument is an object a trace can only bake in")
             return self._trace_form(retrofitted, arguments, concrete)
-        except Exception as error:  # noqa: BLE001 - whatever stops a trace for this call (a nested tensor)
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        except Exception as error:
             return _OriginalCode(
                 f"block '{name}' is called with {differences}, not as it was traced, and cannot be traced for "
-                f"that call ({reason})"
+                f"that call ({first_line(error)})"
             )
 
     def _trace_form(self, retrofitted: RetrofittedBlock, arguments: dict, concrete: dict) -> dict[bool, fx.GraphModule]:
@@ -329,7 +359,9 @@ class Retrace:
                 traced.graph.lint()
                 shell = nn.Module()
                 shell._modules, shell._parameters, shell._buffers = (
-                    retrofitted._modules, retrofitted._parameters, retrofitted._buffers
+                    retrofitted._modules,
+                    retrofitted._parameters,
+                    retrofitted._buffers,
                 )
                 with _attributes(shell, traced.constants):
                     graphs[training] = fx.GraphModule(shell, traced.graph, class_name=retrofitted.block_class_name)
@@ -414,7 +446,7 @@ def retrofit_block(
     block: nn.Module,
     edits: Sequence[BlockEdit],
     *,
-    mode: str,
+    mode: Mode,
     options: TraceOptions,
     path: str = "",
     concrete_args: dict[str, Any] | None = None,
@@ -479,8 +511,3 @@ def _retrace(
     indices = tuple(by_add.get(adds[edit.ordinal], -1) for edit in edits)
     options = replace(options, examples=None, concrete_shapes=False)
     return Retrace(block, form, indices, tuple(targets), options, path)
-
-
-def stochastic_depth_calls(graph: fx.Graph, root: nn.Module) -> list[fx.Node]:
-    """The stochastic-depth calls of a graph, in order."""
-    return [node for node in graph.nodes if is_stochastic_depth(node, root)]

@@ -20,7 +20,7 @@ from typing import Any
 
 from torch import nn
 
-from .ops import _check_rate
+from .choices import check_rate
 from .rates import set_drop_rates
 from .schedules import Schedule
 
@@ -60,7 +60,7 @@ class DropRateScheduler:
         switch_step: Steps | None = None,
     ) -> None:
         self.model = model
-        self.p_max = _check_rate(p_max)
+        self.p_max = check_rate(p_max)
         self.schedule = schedule
         self.profile = profile
         self.total_steps = total_steps
@@ -117,13 +117,19 @@ class DropRateScheduler:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` and set the model's rates to those of its step."""
         unknown = set(state_dict) - {
-            "last_step", "p_max", "total_steps", "warmup_steps", "switch_step", "profile", "schedule"
+            "last_step",
+            "p_max",
+            "total_steps",
+            "warmup_steps",
+            "switch_step",
+            "profile",
+            "schedule",
         }
         if unknown or "last_step" not in state_dict:
             raise ValueError(f"not a DropRateScheduler state dict: keys {sorted(state_dict)}")
         for name, value in state_dict.items():
             setattr(self, name, value)
-        self.p_max = _check_rate(self.p_max)
+        self.p_max = check_rate(self.p_max)
         self._check_profile()
         self.rates = self._apply()
 

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
-from .ops import _check_rate
+from .choices import SCHEDULES, check_rate
 
-Schedule = Union[str, Sequence[float], Callable[[int, int], float]]
+Schedule = str | Sequence[float] | Callable[[int, int], float]
 """``"linear"``, ``"uniform"``, an explicit list of per-block rates, or ``f(index, num_blocks) -> rate``."""
-
-SCHEDULES = ("linear", "uniform")
 
 
 def linear_rates(num_blocks: int, p_max: float) -> list[float]:
@@ -26,7 +23,7 @@ def drop_rates(schedule: Schedule, p_max: float, num_blocks: int) -> list[float]
     Raises ``ValueError`` when ``p_max`` or a produced rate lies outside ``[0, 1)``, when an explicit list
     has the wrong length, or when the schedule is unknown.
     """
-    p_max = _check_rate(p_max)
+    p_max = check_rate(p_max)
     if isinstance(schedule, str):
         if schedule == "linear":
             rates = linear_rates(num_blocks, p_max)
@@ -46,6 +43,6 @@ def drop_rates(schedule: Schedule, p_max: float, num_blocks: int) -> list[float]
     else:
         raise ValueError(f"schedule must be a name, a list of rates or a callable, got {type(schedule).__name__}")
     try:
-        return [_check_rate(rate) for rate in rates]
+        return [check_rate(rate) for rate in rates]
     except (TypeError, ValueError) as error:
         raise ValueError(f"schedule produced an invalid rate: {error}") from None

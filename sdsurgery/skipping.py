@@ -24,6 +24,7 @@ conversion, for instance) is seen by the branch.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import operator
 import warnings
@@ -34,11 +35,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .choices import SKIPPING_MODES, SkippingMode, check_mode
 from .ops import StochasticDepth, subset_rows
-from .residuals import _is_shape_only, add_operands, input_dependent_nodes
-
-SKIPPING_MODES = ("batch", "subset")
-"""The modes in which a dropped branch (or a dropped row of it) is not computed."""
+from .residuals import add_operands, input_dependent_nodes, is_shape_only
+from .rewrite import RetrofittedBlock
+from .tracing import join_path
 
 # How the block's train graph passes each input of a branch graph.
 ROWS = "rows"  # a tensor with the batch on dim 0: subset mode runs the branch on the kept rows of it
@@ -46,8 +47,18 @@ WHOLE = "whole"  # anything else (parameters, buffers, constants, masks): passed
 MODULE = "module"  # a submodule the branch calls: passed as it is; its parameters get zero grads when dropped
 
 _INPLACE_OPERATORS = {
-    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
-    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    operator.ifloordiv,
+    operator.imod,
+    operator.ipow,
+    operator.imatmul,
+    operator.iand,
+    operator.ior,
+    operator.ixor,
+    operator.ilshift,
     operator.irshift,
 }
 
@@ -74,7 +85,9 @@ def skippable_residual(
         except NameError:
             path = ""
         if tracer.is_leaf_module(branch, path):
-            return tracer.create_proxy("call_function", skippable_residual, (branch, stochastic_depth, skip, *inputs), {})
+            return tracer.create_proxy(
+                "call_function", skippable_residual, (branch, stochastic_depth, skip, *inputs), {}
+            )
         out = stochastic_depth(branch.branch.forward(*inputs))  # forward: no module call, the nodes stay the block's
         return branch.layout.written_add(skip, out)
     return branch(stochastic_depth, skip, *inputs)
@@ -145,15 +158,20 @@ class SkippableBranch(nn.Module):
     parameters or buffers.
     """
 
-    def __init__(self, branch: fx.GraphModule, mode: str, layout: BranchLayout, generator: torch.Generator) -> None:
+    def __init__(
+        self, branch: fx.GraphModule, mode: SkippingMode, layout: BranchLayout, generator: torch.Generator
+    ) -> None:
         super().__init__()
-        if mode not in SKIPPING_MODES:
-            raise ValueError(f"SkippableBranch mode must be one of {SKIPPING_MODES}, got {mode!r}")
         self.branch = branch
-        self.mode = mode
+        self.mode = check_mode(mode, SKIPPING_MODES)
         self.layout = layout
         self.generator = generator  # shared by the model's branches: one seed decides every block's draws
         self.last_keep = True  # batch mode's latest draw, which activation checkpointing's recomputation replays
+        _keep_batch_draws_eager()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # unpickled in a fresh process: no __init__
+        super().__setstate__(state)
+        _keep_batch_draws_eager()
 
     def forward(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         if not (self.training and stochastic_depth.training):
@@ -169,9 +187,6 @@ class SkippableBranch(nn.Module):
         sliced = [self._rows(x, rows, batch) if kind == ROWS else x for x, kind in zip(inputs, self.layout.inputs)]
         return self._add(skip, self.branch(*sliced), rows, scale)
 
-    # The keep/drop decision is host control flow: torch.compile runs this frame eagerly (one graph break per
-    # block) but still compiles the branch graph it calls, once, without recompiling from step to step.
-    @torch.compiler.disable(recursive=False)
     def _batch(self, stochastic_depth: StochasticDepth, skip: torch.Tensor, *inputs: Any) -> torch.Tensor:
         p = stochastic_depth.p
         if p > 0.0 and not _in_backward():
@@ -237,6 +252,15 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+@functools.cache
+def _keep_batch_draws_eager() -> None:
+    # The keep/drop decision is host control flow: torch.compile runs SkippableBranch._batch eagerly (one graph
+    # break per block) but still compiles the branch graph it calls, once, without recompiling from step to
+    # step. Applied when the first branch is built, not at import: torch.compiler.disable imports
+    # torch._dynamo, which costs seconds that `import sdsurgery` should not.
+    SkippableBranch._batch = torch.compiler.disable(SkippableBranch._batch, recursive=False)
+
+
 def seed_block_drops(model: nn.Module, seed: int) -> int:
     """Seed the generator that draws batch mode's per-block keep/drop decisions; return how many
     skippable branches it reaches.
@@ -291,7 +315,7 @@ def _shape_derived(node: fx.Node) -> bool:
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
-        if _is_shape_only(n):
+        if is_shape_only(n):
             return True
         for parent in n.all_input_nodes:
             if parent not in seen:
@@ -300,7 +324,7 @@ def _shape_derived(node: fx.Node) -> bool:
     return False
 
 
-def _plan_site(graph: fx.Graph, sd: fx.Node, root: nn.Module, mode: str) -> _Site | str:
+def _plan_site(graph: fx.Graph, sd: fx.Node, root: nn.Module, mode: SkippingMode) -> _Site | str:
     """The branch of one stochastic-depth node and how to call it, or why it cannot be skipped."""
     if len(sd.args) != 1 or sd.kwargs or not isinstance(sd.args[0], fx.Node):
         return "its stochastic-depth call takes more than the branch"
@@ -374,7 +398,9 @@ def _branch_graph(site: _Site) -> fx.Graph:
         if node.op == "call_module":
             args = fx.map_arg(node.args, env.__getitem__)
             kwargs = fx.map_arg(node.kwargs, env.__getitem__)
-            env[node] = graph.create_node("call_function", call_module, (modules[node.target], *args), kwargs, node.name)
+            env[node] = graph.create_node(
+                "call_function", call_module, (modules[node.target], *args), kwargs, node.name
+            )
             env[node].meta = dict(node.meta)
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
@@ -391,7 +417,7 @@ def _free_name(root: nn.Module, base: str) -> str:
     return name
 
 
-def _extract(graph: fx.Graph, root: nn.Module, site: _Site, mode: str, generator: torch.Generator) -> str:
+def _extract(graph: fx.Graph, root: nn.Module, site: _Site, mode: SkippingMode, generator: torch.Generator) -> str:
     """Move the site's branch into a :class:`SkippableBranch` child of ``root``; return its name."""
     branch = fx.GraphModule(nn.Module(), _branch_graph(site), class_name="Branch")
     name = _free_name(root, f"{site.sd.target.replace('.', '_')}_skip")
@@ -409,17 +435,7 @@ def _extract(graph: fx.Graph, root: nn.Module, site: _Site, mode: str, generator
     return name
 
 
-@dataclass(frozen=True)
-class SkipReport:
-    """What :func:`skip_dropped_branches` did: the sites whose branch it moved into a
-    :class:`SkippableBranch`, and the sites it left to the stochastic-depth module's own (mask-based) mode,
-    each with the reason."""
-
-    skipped: list[str]
-    fallbacks: dict[str, str]
-
-
-def skip_dropped_branches(model: nn.Module, mode: str, *, seed: int | None = None) -> SkipReport:
+def skip_dropped_branches(model: nn.Module, mode: SkippingMode, *, seed: int | None = None) -> None:
     """Rewrite the train graphs of ``model``'s retrofitted blocks so that ``mode`` (``"batch"`` or
     ``"subset"``) skips the work of what it drops; the model is changed in place.
 
@@ -429,12 +445,9 @@ def skip_dropped_branches(model: nn.Module, mode: str, *, seed: int | None = Non
     site falls back to ``"row"``. The generator of batch mode's draws is seeded with ``seed`` (default
     ``torch.initial_seed()``). Eval graphs are not changed.
     """
-    from .rewrite import RetrofittedBlock  # the core imports this module's hook lazily too
-
-    if mode not in SKIPPING_MODES:
-        raise ValueError(f"skip_dropped_branches mode must be one of {SKIPPING_MODES}, got {mode!r}")
+    check_mode(mode, SKIPPING_MODES)
     generator = torch.Generator().manual_seed(torch.initial_seed() if seed is None else seed)
-    skipped, fallbacks = [], {}
+    fallbacks: dict[str, str] = {}
     blocks = [(path, m) for path, m in model.named_modules() if isinstance(m, RetrofittedBlock)]
     for path, block in blocks:
         train_graph, eval_graph = block.mode_graphs
@@ -447,7 +460,7 @@ def skip_dropped_branches(model: nn.Module, mode: str, *, seed: int | None = Non
             module = block.get_submodule(sd.target)
             if not isinstance(module, StochasticDepth) or module.mode != mode:
                 continue
-            name = f"{path}.{sd.target}" if path else sd.target
+            name = join_path(path, sd.target)
             site = _plan_site(graph, sd, block, mode)
             if isinstance(site, str):
                 fallbacks[name] = site
@@ -455,7 +468,6 @@ def skip_dropped_branches(model: nn.Module, mode: str, *, seed: int | None = Non
                     module.mode = "row"
                 continue
             _extract(graph, block, site, mode, generator)
-            skipped.append(name)
             changed = True
         if changed:
             graph.lint()
@@ -469,7 +481,6 @@ def skip_dropped_branches(model: nn.Module, mode: str, *, seed: int | None = Non
             + "; ".join(f"{site} ({why})" for site, why in fallbacks.items()),
             stacklevel=2,
         )
-    return SkipReport(skipped, fallbacks)
 
 
 def _remove_stale_branches(block: nn.Module, graph: fx.Graph) -> None:
@@ -487,7 +498,7 @@ def _copy_graph(graph: fx.Graph) -> fx.Graph:
     graph = copy.deepcopy(graph)
     for node in reversed(list(graph.nodes)):
         pure = node.op in ("call_function", "call_method") and (
-            node.target in (operator.getitem, getattr) or _is_shape_only(node)
+            node.target in (operator.getitem, getattr) or is_shape_only(node)
         )
         if pure and not node.users:
             graph.erase_node(node)

@@ -1,4 +1,5 @@
-"""The pass: trace -> find sites -> plan rates -> rewrite each owning block -> check eval outputs."""
+"""The pass in two public steps: :func:`plan_stochastic_depth` finds the sites, :func:`apply_plan` rewrites each
+block that owns one and checks eval outputs; :func:`apply_stochastic_depth` is the two in one call."""
 
 from __future__ import annotations
 
@@ -9,13 +10,13 @@ from typing import Any
 
 from torch import nn
 
+from .choices import SKIPPING_MODES, Mode, check_mode
 from .inputs import ExampleInputs, eval_outputs, example_call
-from .ops import _check_mode
 from .plan import ModuleFilter, SurgeryPlan, no_sites_error, plan_stochastic_depth, warn_untraced
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
-from .skipping import SKIPPING_MODES, skip_dropped_branches
-from .verify import check_eval_outputs
+from .skipping import skip_dropped_branches
+from .verification import check_eval_outputs
 
 
 def apply_stochastic_depth(
@@ -23,7 +24,7 @@ def apply_stochastic_depth(
     p_max: float,
     *,
     schedule: Schedule = "linear",
-    mode: str = "row",
+    mode: Mode = "row",
     inplace: bool = False,
     verify: bool = True,
     example_inputs: ExampleInputs | None = None,
@@ -47,28 +48,71 @@ def apply_stochastic_depth(
     With ``verify=True`` eval-mode outputs are checked to equal the original's on ``example_inputs`` (or an
     input built from the model's known input size; the check is skipped when none is known).
 
-    Raises ``NoResidualSitesError`` when no residual addition is found, ``TraceError`` when the model's
-    forward does not trace, ``VerificationError`` when eval outputs differ, ``ValueError`` for bad options.
+    The same as ``apply_plan(model, plan_stochastic_depth(model, p_max, ...), mode=..., ...)``. Raises
+    ``NoResidualSitesError`` when no residual addition is found, ``TraceError`` when the model's forward does
+    not trace, ``VerificationError`` when eval outputs differ, ``ValueError`` for bad options.
     """
-    _check_mode(mode)
+    check_mode(mode)
     plan = plan_stochastic_depth(
-        model, p_max, schedule=schedule, nested=nested, include=include, exclude=exclude,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, example_inputs=example_inputs,
+        model,
+        p_max,
+        schedule=schedule,
+        nested=nested,
+        include=include,
+        exclude=exclude,
+        leaf_modules=leaf_modules,
+        autowrap_functions=autowrap_functions,
+        example_inputs=example_inputs,
     )
+    return apply_plan(model, plan, mode=mode, inplace=inplace, verify=verify, example_inputs=example_inputs)
+
+
+def apply_plan(
+    model: nn.Module,
+    plan: SurgeryPlan,
+    *,
+    mode: Mode = "row",
+    inplace: bool = False,
+    verify: bool = True,
+    example_inputs: ExampleInputs | None = None,
+) -> nn.Module:
+    """Return ``model`` with stochastic depth at the sites of ``plan`` (made by :func:`plan_stochastic_depth`
+    for this model, or for an unchanged copy of it), without tracing the whole model again.
+
+    ``mode``, ``inplace``, ``verify`` and ``example_inputs`` are as in :func:`apply_stochastic_depth`; modules
+    the plan kept as they are because they do not trace are named in a warning. Raises
+    ``NoResidualSitesError`` when the plan has no site, ``ValueError`` when a planned block is not in
+    ``model`` or for a bad mode, ``VerificationError`` when eval outputs differ.
+    """
+    check_mode(mode)
     if not plan.sites:
         raise no_sites_error(type(model).__name__, plan)
+    missing = next((path for path in plan.block_paths if path and not _has_submodule(model, path)), None)
+    if missing is not None:
+        raise ValueError(
+            f"the plan does not fit this {type(model).__name__}: it has no module {missing!r}; make the plan "
+            "with plan_stochastic_depth(model, ...) for this model"
+        )
     warn_untraced(plan.untraced)
     call = example_call(model, example_inputs) if verify else None
     reference = eval_outputs(model, call) if call is not None else None
 
-    result = rewrite(model if inplace else copy.deepcopy(model), plan, mode)
+    result = _rewrite_blocks(model if inplace else copy.deepcopy(model), plan, mode)
 
     if call is not None:
         check_eval_outputs(reference, result, call)
     return result
 
 
-def rewrite(model: nn.Module, plan: SurgeryPlan, mode: str) -> nn.Module:
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _rewrite_blocks(model: nn.Module, plan: SurgeryPlan, mode: Mode) -> nn.Module:
     """Replace each block of ``plan`` in ``model`` by its retrofitted copy; return the (possibly new) root."""
     edits: dict[str, list[BlockEdit]] = defaultdict(list)
     for site in plan.sites:

@@ -31,17 +31,23 @@ from torch.utils import _pytree as pytree
 
 from .errors import TraceError
 from .inputs import bind_arguments
-from .ops import STOCHASTIC_DEPTH_FUNCTIONS, is_stochastic_depth_op, stochastic_depth_functions_in
+from .ops import is_stochastic_depth_op, known_stochastic_depth_functions, stochastic_depth_functions_in
+
+
+def _timm_layers() -> Any:
+    # A model with timm's layers has imported timm; without one there is nothing of timm's to know about,
+    # and importing it here would cost every trace a second.
+    return sys.modules.get("timm.layers")
 
 
 def timm_autowrap_functions() -> tuple[Callable[..., Any], ...]:
-    """The functions timm registers as not traceable (empty without timm). They take tensors, not modules,
-    so recording them as single calls cannot hide a parametrised residual branch: they are always wrapped."""
-    try:
-        from timm.layers import get_notrace_functions
-    except ImportError:
+    """The functions timm registers as not traceable (empty unless timm is imported). They take tensors, not
+    modules, so recording them as single calls cannot hide a parametrised residual branch: they are always
+    wrapped."""
+    layers = _timm_layers()
+    if layers is None:
         return ()
-    return tuple(fn for fn in get_notrace_functions() if callable(fn))
+    return tuple(fn for fn in layers.get_notrace_functions() if callable(fn))
 
 
 def torch_autowrap_functions() -> tuple[Callable[..., Any], ...]:
@@ -56,20 +62,23 @@ def torch_autowrap_functions() -> tuple[Callable[..., Any], ...]:
 
 
 COMPOSITE_TORCH_MODULES: tuple[type[nn.Module], ...] = (
-    nn.Transformer, nn.TransformerEncoder, nn.TransformerDecoder, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
 )
 """torch.nn modules that fx keeps whole (as it keeps every torch.nn module) although their forward calls other
 modules and holds residual additions: they are traced into."""
 
 
 def timm_leaf_modules() -> tuple[type[nn.Module], ...]:
-    """The module classes timm registers as not traceable (empty without timm). Some are whole residual
-    blocks, so they are used only for a module that does not trace otherwise."""
-    try:
-        from timm.layers import get_notrace_modules
-    except ImportError:
+    """The module classes timm registers as not traceable (empty unless timm is imported). Some are whole
+    residual blocks, so they are used only for a module that does not trace otherwise."""
+    layers = _timm_layers()
+    if layers is None:
         return ()
-    return tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    return tuple(m for m in layers.get_notrace_modules() if isinstance(m, type))
 
 
 class _Unknown:
@@ -95,13 +104,14 @@ class ShapeExamples:
     prefix: str = ""
 
     def at(self, path: str) -> Mapping[str, Any] | None:
-        return self.calls.get(_join(self.prefix, path))
+        return self.calls.get(join_path(self.prefix, path))
 
     def relative_to(self, path: str) -> ShapeExamples:
-        return replace(self, prefix=_join(self.prefix, path))
+        return replace(self, prefix=join_path(self.prefix, path))
 
 
-def _join(*parts: str) -> str:
+def join_path(*parts: str) -> str:
+    """The qualified module name of ``parts`` joined with dots, empty parts (the root) left out."""
     return ".".join(p for p in parts if p)
 
 
@@ -111,7 +121,7 @@ class TraceOptions:
 
     ``leaf_modules``: module classes never traced into. ``leaf_paths``: qualified module names never traced
     into. ``autowrap_functions``: functions recorded as one call instead of being traced (timm's registered
-    ones are added when timm is installed). ``concrete_shapes``: let Python code that reads shapes use the
+    ones are added when timm is imported). ``concrete_shapes``: let Python code that reads shapes use the
     example values in ``examples`` (see the module docstring).
     """
 
@@ -132,7 +142,7 @@ class TraceOptions:
         if not path:
             return self
         prefix = path + "."
-        paths = frozenset(p[len(prefix):] for p in self.leaf_paths if p.startswith(prefix))
+        paths = frozenset(p[len(prefix) :] for p in self.leaf_paths if p.startswith(prefix))
         examples = self.examples.relative_to(path) if self.examples is not None else None
         return replace(self, leaf_paths=paths, examples=examples)
 
@@ -233,10 +243,17 @@ class SurgeryTracer(fx.Tracer):
         example_values: Mapping[str, Any] | None = None,
         stochastic_depth_functions: Iterable[Callable[..., Any]] = (),
     ) -> None:
-        autowrap = tuple(dict.fromkeys(
-            (*STOCHASTIC_DEPTH_FUNCTIONS, *stochastic_depth_functions, *torch_autowrap_functions(),
-             *timm_autowrap_functions(), *options.autowrap_functions)
-        ))
+        autowrap = tuple(
+            dict.fromkeys(
+                (
+                    *known_stochastic_depth_functions(),
+                    *stochastic_depth_functions,
+                    *torch_autowrap_functions(),
+                    *timm_autowrap_functions(),
+                    *options.autowrap_functions,
+                )
+            )
+        )
         super().__init__(autowrap_functions=autowrap, param_shapes_constant=True)
         self.options = options
         self.extra_leaves = {id(m) for m in extra_leaves}
@@ -263,7 +280,9 @@ class SurgeryTracer(fx.Tracer):
         if keywords is None and keywords_name is not None and self.options.examples is not None:
             keywords = (self.options.examples.at("") or {}).get(keywords_name)
         fn, args = super().create_args_for_root(root_fn, is_module, concrete_args)
-        placeholder = next((a for a in args if isinstance(a, fx.Proxy) and a.node.target == "**" + str(keywords_name)), None)
+        placeholder = next(
+            (a for a in args if isinstance(a, fx.Proxy) and a.node.target == "**" + str(keywords_name)), None
+        )
         if placeholder is None or not isinstance(keywords, dict):
             return fn, args
         # ``**kwargs`` of a root traced on its own: the keywords of the call it was seen in, each read from the
@@ -484,12 +503,12 @@ def trace(
     tracer = SurgeryTracer(options, extra_leaves, examples, stochastic_depth_functions_in(module))
     attributes_before = dict(vars(module))
     try:
-        with warnings.catch_warnings(), _unchanged(module, buffers=tracer.example_values is not None):
+        with warnings.catch_warnings(), left_unchanged(module, buffers=tracer.example_values is not None):
             warnings.simplefilter("ignore")  # fx warns for every specialised argument it cannot assert on
             graph = tracer.trace(module, concrete_args=concrete_args or None)
     except Exception as error:
         inner_path, inner_type = tracer.failed_module or ("", type(module).__name__)
-        full_path = ".".join(p for p in (path, inner_path) if p)
+        full_path = join_path(path, inner_path)
         raise TraceError(full_path, inner_type, error) from error
     finally:
         # fx stores tensor constants on the traced module; take them back off so tracing changes nothing.
@@ -504,7 +523,7 @@ def trace(
 
 
 @contextmanager
-def _unchanged(root: nn.Module, *, buffers: bool) -> Iterator[None]:
+def left_unchanged(root: nn.Module, *, buffers: bool) -> Iterator[None]:
     """Undo what traced code writes on the root's descendants: attributes it sets or containers it fills (a
     cache such as ``self.rel_indices = ...`` or ``self.bias_cache[key] = ...`` would otherwise keep a proxy)
     and, with ``buffers``, buffer contents that modules run on example values update in place."""

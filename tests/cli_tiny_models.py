@@ -33,8 +33,6 @@ class TinyResidual(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-
-
 class DepthwiseResidual(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -79,17 +79,16 @@ def test_every_call_form_gives_the_original_eval_outputs(models, call):
 
 def test_blocks_are_traced_for_the_example_call_form():
     retrofitted = apply_stochastic_depth(MaskedModel(), 0.3, example_inputs=TOKENS)
-    assert retrofitted.blocks[0].call_form == CallForm(
-        (("x", TRACED), ("attn_mask", None), ("sharpen", (bool, False)))
-    )
+    assert retrofitted.blocks[0].call_form == CallForm((("x", TRACED), ("attn_mask", None), ("sharpen", (bool, False))))
     with_mask = apply_stochastic_depth(MaskedModel(), 0.3, example_inputs=(TOKENS, MASK))
     assert dict(with_mask.blocks[0].call_form.forms)["attn_mask"] is TRACED
 
 
 def _stochastic_depth_calls(model: nn.Module, *args) -> int:
     calls = []
-    handles = [m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules()
-               if isinstance(m, StochasticDepth)]
+    handles = [
+        m.register_forward_hook(lambda *_: calls.append(1)) for m in model.modules() if isinstance(m, StochasticDepth)
+    ]
     try:
         model(*args)
     finally:
@@ -166,7 +165,9 @@ def test_a_call_that_cannot_be_traced_runs_the_original_code_and_says_so_in_trai
         warnings.simplefilter("error")
         assert torch.equal(block.eval()(TOKENS, Options(1.0, False)), original[0](TOKENS, Options(1.0, False)))
     block.train()
-    with pytest.warns(UserWarning, match="block .0. is called with options of type Options, not as it was traced.*original code"):
+    with pytest.warns(
+        UserWarning, match="block .0. is called with options of type Options, not as it was traced.*original code"
+    ):
         assert torch.equal(block(TOKENS, Options(1.0, False)), TOKENS)
 
 

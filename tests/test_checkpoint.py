@@ -13,7 +13,7 @@ import sdsurgery
 from cli_tiny_models import TinyResidual
 from sdsurgery import checkpoint
 from sdsurgery.checkpoint import CheckpointError, SurgeryOptions
-from sdsurgery.models import BuildOptions, ModelSpec, ModelSpecError
+from sdsurgery.specs import BuildOptions, ModelSpec, ModelSpecError
 
 SPEC = ModelSpec("timm", "test_resnet")
 BUILD = BuildOptions(num_classes=5)
@@ -29,8 +29,14 @@ def rates_and_modes(model: torch.nn.Module) -> list[tuple[str, float, str]]:
     return [(path, m.p, m.mode) for path, m in model.named_modules() if isinstance(m, sdsurgery.StochasticDepth)]
 
 
-def record(model: torch.nn.Module, surgery: SurgeryOptions, *, spec: ModelSpec = SPEC, build: BuildOptions = BUILD,
-           format: str = "state_dict") -> tuple[checkpoint.Checkpoint, torch.nn.Module]:
+def record(
+    model: torch.nn.Module,
+    surgery: SurgeryOptions,
+    *,
+    spec: ModelSpec = SPEC,
+    build: BuildOptions = BUILD,
+    format: str = "state_dict",
+) -> tuple[checkpoint.Checkpoint, torch.nn.Module]:
     """The checkpoint of ``model`` retrofitted with ``surgery``, and the retrofitted model."""
     schedule = surgery.schedule if isinstance(surgery.schedule, str) else list(surgery.schedule)
     retrofitted = sdsurgery.apply_stochastic_depth(
@@ -38,8 +44,14 @@ def record(model: torch.nn.Module, surgery: SurgeryOptions, *, spec: ModelSpec =
     )
     sites = sdsurgery.find_residual_sites(model, surgery.p_max, schedule=schedule)
     written = checkpoint.checkpoint_for(
-        retrofitted, source=spec, surgery=surgery, sites=sites, build=build, input_size=(3, 32, 32),
-        weights="w.safetensors", format=format,
+        retrofitted,
+        source=spec,
+        surgery=surgery,
+        sites=sites,
+        build=build,
+        input_size=(3, 32, 32),
+        weights="w.safetensors",
+        format=format,
     )
     return written, retrofitted
 
@@ -65,8 +77,12 @@ def test_checkpoint_reads_with_weights_only(saved: tuple[Path, torch.nn.Module])
     contents = torch.load(path, weights_only=True)
     assert contents["format"] == "sdsurgery.checkpoint"
     assert contents["format_version"] == checkpoint.FORMAT_VERSION == 1
-    assert contents["source"] == {"model": "timm:test_resnet", "num_classes": 5, "model_args": {},
-                                  "weights": "w.safetensors"}
+    assert contents["source"] == {
+        "model": "timm:test_resnet",
+        "num_classes": 5,
+        "model_args": {},
+        "weights": "w.safetensors",
+    }
     assert contents["surgery"] == {"p_max": 0.2, "schedule": "linear", "mode": "row"}
     assert contents["input_size"] == [3, 32, 32]
     assert [s["block_path"] for s in contents["sites"]] == ["layer1.0", "layer2.0", "layer3.0", "layer4.0"]
@@ -118,7 +134,12 @@ def test_load_leaves_the_global_random_stream_alone(saved: tuple[Path, torch.nn.
 def test_read_gives_the_options_back(saved: tuple[Path, torch.nn.Module]) -> None:
     read = checkpoint.read(saved[0])
     assert (read.source, read.build, read.surgery) == (SPEC, BUILD, SurgeryOptions(0.2, "linear", "row"))
-    assert (read.input_size, read.weights, read.format, read.module) == ((3, 32, 32), "w.safetensors", "state_dict", None)
+    assert (read.input_size, read.weights, read.format, read.module) == (
+        (3, 32, 32),
+        "w.safetensors",
+        "state_dict",
+        None,
+    )
 
 
 def test_per_block_rates_and_batch_mode_round_trip(tmp_path: Path, source_model: torch.nn.Module) -> None:
@@ -156,7 +177,9 @@ def test_weights_that_no_longer_fit(tmp_path: Path, saved: tuple[Path, torch.nn.
     contents = torch.load(saved[0], weights_only=True)
     contents["source"]["num_classes"] = 7
     torch.save(contents, tmp_path / "other.pt")
-    with pytest.raises(sdsurgery.WeightsError, match="do not fit timm:test_resnet: .*fc.weight: 5x96 in the file, 7x96 in the model"):
+    with pytest.raises(
+        sdsurgery.WeightsError, match="do not fit timm:test_resnet: .*fc.weight: 5x96 in the file, 7x96 in the model"
+    ):
         sdsurgery.load(tmp_path / "other.pt")
 
 
@@ -182,9 +205,11 @@ def test_a_foreign_file_is_not_a_checkpoint(tmp_path: Path) -> None:
         checkpoint.read(tmp_path / "w.pt")
 
 
-def test_a_checkpoint_works_as_a_weights_file(tmp_path: Path, saved: tuple[Path, torch.nn.Module], source_model) -> None:
+def test_a_checkpoint_works_as_a_weights_file(
+    tmp_path: Path, saved: tuple[Path, torch.nn.Module], source_model
+) -> None:
     fresh = timm.create_model("test_resnet", pretrained=False, num_classes=5)
-    sdsurgery.models.load_weights(fresh, saved[0], target="timm:test_resnet")
+    sdsurgery.weights.load_weights(fresh, saved[0], target="timm:test_resnet")
     assert torch.equal(eval_output(fresh), eval_output(source_model))
 
 
@@ -294,13 +319,16 @@ def test_pickled_module_without_metadata_is_not_a_checkpoint(tmp_path: Path) -> 
 def test_pickled_source_needs_trust_to_rebuild(tmp_path: Path) -> None:
     tiny = TinyResidual()
     torch.save(tiny, tmp_path / "tiny.pt")
-    written, retrofitted = record(tiny, SurgeryOptions(0.1), spec=ModelSpec("pickle", str(tmp_path / "tiny.pt")),
-                                  build=BuildOptions())
+    written, retrofitted = record(
+        tiny, SurgeryOptions(0.1), spec=ModelSpec("pickle", str(tmp_path / "tiny.pt")), build=BuildOptions()
+    )
     checkpoint.save(tmp_path / "sd.pt", written)
     with pytest.raises(ModelSpecError, match="--trust-pickle"):
         sdsurgery.load(tmp_path / "sd.pt")
     x = torch.randn(2, 3, 8, 8)
-    assert torch.equal(eval_output(sdsurgery.load(tmp_path / "sd.pt", trust_pickle=True), x), eval_output(retrofitted, x))
+    assert torch.equal(
+        eval_output(sdsurgery.load(tmp_path / "sd.pt", trust_pickle=True), x), eval_output(retrofitted, x)
+    )
 
 
 def test_pickled_source_is_stored_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,7 +27,7 @@ import torchvision
 import sdsurgery
 from cli_tiny_models import Noisy, TinyResidual, Untraceable
 from sdsurgery import checkpoint
-from sdsurgery.models import ModelSpec
+from sdsurgery.specs import ModelSpec
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -108,8 +108,11 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
     tiny = TinyResidual()
     record = checkpoint.checkpoint_for(
-        sdsurgery.apply_stochastic_depth(tiny, 0.1, verify=False), source=ModelSpec("pickle", str(inputs / "tiny.pt")),
-        surgery=checkpoint.SurgeryOptions(0.1), sites=sdsurgery.find_residual_sites(tiny, 0.1), input_size=(3, 8, 8),
+        sdsurgery.apply_stochastic_depth(tiny, 0.1, verify=False),
+        source=ModelSpec("pickle", str(inputs / "tiny.pt")),
+        surgery=checkpoint.SurgeryOptions(0.1),
+        sites=sdsurgery.find_residual_sites(tiny, 0.1),
+        input_size=(3, 8, 8),
     )
     checkpoint.save(root / "whole.pt", record)
     whole = (root / "whole.pt").read_bytes()
@@ -155,43 +158,68 @@ TRUST = ["--trust-pickle", "--input-size", "3,8,8"]
 BAD_INPUTS: dict[str, BadInput] = {
     "missing_file": BadInput(
         ["apply", "torchvision:resnet18", "--weights", "{inputs}/nope.pth", "--p-max", "0.1", "-o", "{out}"],
-        1, ["weights file not found", "nope.pth"]),
+        1,
+        ["weights file not found", "nope.pth"],
+    ),
     "text_file": BadInput(["verify", "{inputs}/notes.txt"], 1, ["notes.txt is not a checkpoint: it is a text file"]),
     "random_bytes": BadInput(
-        ["verify", "{inputs}/random.bin"], 1, ["random.bin is not a checkpoint", "neither a PyTorch nor"]),
+        ["verify", "{inputs}/random.bin"], 1, ["random.bin is not a checkpoint", "neither a PyTorch nor"]
+    ),
     "truncated_checkpoint": BadInput(["verify", "{inputs}/truncated.pt"], 1, ["truncated or corrupted"]),
     "weights_do_not_fit": BadInput(
         ["apply", "torchvision:resnet18", "--weights", "{inputs}/resnet18_ddp.pth", "--p-max", "0.1", "-o", "{out}"],
-        1, ["do not fit torchvision:resnet18", "fc.weight: 10x512 in the file, 1000x512 in the model", "--num-classes"]),
+        1,
+        ["do not fit torchvision:resnet18", "fc.weight: 10x512 in the file, 1000x512 in the model", "--num-classes"],
+    ),
     "unknown_model": BadInput(
         ["apply", "torchvision:resnet19", "--p-max", "0.1", "-o", "{out}"],
-        1, ["unknown torchvision model 'resnet19'", "did you mean torchvision:resnet18"]),
+        1,
+        ["unknown torchvision model 'resnet19'", "did you mean torchvision:resnet18"],
+    ),
     "p_max_out_of_range": BadInput(
-        ["apply", "torchvision:resnet18", "--p-max", "1.0", "-o", "{out}"], 2, ["--p-max", "must be in [0, 1)"]),
+        ["apply", "torchvision:resnet18", "--p-max", "1.0", "-o", "{out}"], 2, ["--p-max", "must be in [0, 1)"]
+    ),
     "unknown_schedule": BadInput(
         ["apply", "torchvision:resnet18", "--p-max", "0.1", "--schedule", "cosine", "-o", "{out}"],
-        2, ["unknown schedule 'cosine'", "linear"]),
+        2,
+        ["unknown schedule 'cosine'", "linear"],
+    ),
     "unknown_mode": BadInput(
         ["apply", "torchvision:resnet18", "--p-max", "0.1", "--mode", "layer", "-o", "{out}"],
-        2, ["--mode", "invalid choice: 'layer'"]),
+        2,
+        ["--mode", "invalid choice: 'layer'"],
+    ),
     "no_residual_site": BadInput(
         ["apply", "torchvision:squeezenet1_1", "--p-max", "0.1", "-o", "{out}"],
-        1, ["no residual addition found in torchvision:squeezenet1_1"]),
+        1,
+        ["no residual addition found in torchvision:squeezenet1_1"],
+    ),
     "does_not_trace": BadInput(
         ["apply", "{inputs}/untraceable.pt", *TRUST, "--p-max", "0.1", "-o", "{out}"],
-        1, ["torch.fx could not trace the model's own forward (Untraceable)"]),
+        1,
+        ["torch.fx could not trace the model's own forward (Untraceable)"],
+    ),
     "out_folder_missing": BadInput(
         ["apply", "{inputs}/tiny.pt", *TRUST, "--p-max", "0.1", "-o", "{out_dir}/missing/out.pt"],
-        1, ["missing/out.pt", "does not exist"]),
+        1,
+        ["missing/out.pt", "does not exist"],
+    ),
     "pickle_not_trusted": BadInput(
         ["apply", "{inputs}/tiny.pt", "--p-max", "0.1", "-o", "{out}"],
-        1, ["tiny.pt is a pickled model", "--trust-pickle", "--weights"]),
+        1,
+        ["tiny.pt is a pickled model", "--trust-pickle", "--weights"],
+    ),
     "out_exists": BadInput(
         ["apply", "{inputs}/tiny.pt", *TRUST, "--p-max", "0.1", "-o", "{out}"],
-        1, ["already exists", "--force"], existing=b"precious bytes"),
+        1,
+        ["already exists", "--force"],
+        existing=b"precious bytes",
+    ),
     "verification_fails": BadInput(
         ["apply", "{inputs}/noisy.pt", *TRUST, "--p-max", "0.1", "-o", "{out}"],
-        1, ["verification failed, nothing written", "eval outputs differ"]),
+        1,
+        ["verification failed, nothing written", "eval outputs differ"],
+    ),
 }
 
 
@@ -224,20 +252,69 @@ def runs(ws: Workspace) -> Iterator[Runs]:
     with ThreadPoolExecutor(JOBS) as pool:
         runs = Runs(pool)
         # Tasks start in order; a task waiting on an earlier one never blocks it, since that one already started.
-        runs.start("apply_torchvision", lambda: run_cli(ws, "apply_torchvision", [
-            "apply", "torchvision:resnet18", "--num-classes", "10", "--weights", inputs / "resnet18_ddp.pth",
-            "--p-max", "0.2", "--input-size", "3,32,32", "-o", "resnet18-sd.pt"]))
-        runs.start("apply_timm", lambda: run_cli(ws, "apply_timm", [
-            "apply", "timm:test_resnet", "--num-classes", "5", "--weights", inputs / "test_resnet.safetensors",
-            "--p-max", "0.1", "--schedule", "uniform", "--mode", "batch", "--input-size", "3,32,32",
-            "-o", "test_resnet-sd.pt"]))
-        runs.start("inspect", lambda: run_cli(ws, "inspect", [
-            "inspect", "torchvision:resnet18", "--p-max", "0.2", "--plot", "rates.png"]))
+        runs.start(
+            "apply_torchvision",
+            lambda: run_cli(
+                ws,
+                "apply_torchvision",
+                [
+                    "apply",
+                    "torchvision:resnet18",
+                    "--num-classes",
+                    "10",
+                    "--weights",
+                    inputs / "resnet18_ddp.pth",
+                    "--p-max",
+                    "0.2",
+                    "--input-size",
+                    "3,32,32",
+                    "-o",
+                    "resnet18-sd.pt",
+                ],
+            ),
+        )
+        runs.start(
+            "apply_timm",
+            lambda: run_cli(
+                ws,
+                "apply_timm",
+                [
+                    "apply",
+                    "timm:test_resnet",
+                    "--num-classes",
+                    "5",
+                    "--weights",
+                    inputs / "test_resnet.safetensors",
+                    "--p-max",
+                    "0.1",
+                    "--schedule",
+                    "uniform",
+                    "--mode",
+                    "batch",
+                    "--input-size",
+                    "3,32,32",
+                    "-o",
+                    "test_resnet-sd.pt",
+                ],
+            ),
+        )
+        runs.start(
+            "inspect",
+            lambda: run_cli(
+                ws, "inspect", ["inspect", "torchvision:resnet18", "--p-max", "0.2", "--plot", "rates.png"]
+            ),
+        )
         # the console script pyproject declares, where it is installed; python -m sdsurgery elsewhere
         script = Path(sys.executable).with_name("sdsurgery")
-        runs.start("inspect_json", lambda: run_cli(ws, "inspect_json", [
-            "inspect", "torchvision:resnet18", "--p-max", "0.2", "--json"],
-            executable=[str(script)] if script.exists() else None))
+        runs.start(
+            "inspect_json",
+            lambda: run_cli(
+                ws,
+                "inspect_json",
+                ["inspect", "torchvision:resnet18", "--p-max", "0.2", "--json"],
+                executable=[str(script)] if script.exists() else None,
+            ),
+        )
 
         def verify() -> Run:
             runs["apply_torchvision"]  # writes the checkpoint to verify
@@ -247,9 +324,22 @@ def runs(ws: Workspace) -> Iterator[Runs]:
 
         def apply_pickled_model() -> Run:
             (ws.folder("apply_pickled_model") / "tiny-sd.pt").write_bytes(b"old bytes")
-            return run_cli(ws, "apply_pickled_model", [
-                "apply", inputs / "tiny.pt", *TRUST, "--p-max", "0.3", "--format", "pickle", "-o", "tiny-sd.pt",
-                "--force"])
+            return run_cli(
+                ws,
+                "apply_pickled_model",
+                [
+                    "apply",
+                    inputs / "tiny.pt",
+                    *TRUST,
+                    "--p-max",
+                    "0.3",
+                    "--format",
+                    "pickle",
+                    "-o",
+                    "tiny-sd.pt",
+                    "--force",
+                ],
+            )
 
         runs.start("apply_pickled_model", apply_pickled_model)
         for name, case in BAD_INPUTS.items():
@@ -317,7 +407,7 @@ def table_rows(stdout: str) -> list[tuple[str, ...]]:
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["depth", "block"])
     rows = []
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if line.startswith("total:"):
             return rows
         rows.append(tuple(line.split()))

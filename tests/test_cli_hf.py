@@ -18,8 +18,13 @@ from sdsurgery.cli import main  # noqa: E402
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     config = transformers.BertConfig(
-        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
-        max_position_embeddings=64, num_labels=3,
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        num_labels=3,
     )
     path = tmp_path_factory.mktemp("hf") / "tiny-bert"
     transformers.BertForSequenceClassification(config).save_pretrained(path)

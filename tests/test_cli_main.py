@@ -14,7 +14,7 @@ import sdsurgery
 from cli_tiny_models import HalfTraceable, Noisy, TinyResidual, WithLightDownsample
 from sdsurgery import checkpoint
 from sdsurgery.cli import main
-from sdsurgery.models import ModelSpec, ModelSpecError
+from sdsurgery.specs import ModelSpec, ModelSpecError
 
 TRUST = ["--trust-pickle", "--input-size", "3,8,8"]
 
@@ -36,9 +36,12 @@ def tiny_file(tmp_path: Path) -> Path:
 
 def write_checkpoint(path: Path, source: Path, model: torch.nn.Module, format: str = "state_dict") -> None:
     record = checkpoint.checkpoint_for(
-        sdsurgery.apply_stochastic_depth(model, 0.1, verify=False), source=ModelSpec("pickle", str(source)),
-        surgery=checkpoint.SurgeryOptions(0.1), sites=sdsurgery.find_residual_sites(model, 0.1),
-        input_size=(3, 8, 8), format=format,
+        sdsurgery.apply_stochastic_depth(model, 0.1, verify=False),
+        source=ModelSpec("pickle", str(source)),
+        surgery=checkpoint.SurgeryOptions(0.1),
+        sites=sdsurgery.find_residual_sites(model, 0.1),
+        input_size=(3, 8, 8),
+        format=format,
     )
     checkpoint.save(path, record)
 
@@ -86,7 +89,9 @@ def test_missing_output_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> 
 
 @pytest.mark.parametrize("size", ["3,x,8", "3,0,8", ""])
 def test_bad_input_size_is_a_usage_error(capsys: pytest.CaptureFixture[str], tmp_path: Path, size: str) -> None:
-    assert main(["apply", "torchvision:resnet18", "--p-max", "0.1", "--input-size", size, "-o", str(tmp_path / "o")]) == 2
+    assert (
+        main(["apply", "torchvision:resnet18", "--p-max", "0.1", "--input-size", size, "-o", str(tmp_path / "o")]) == 2
+    )
     assert "--input-size" in one_error_line(capsys)
 
 
@@ -152,8 +157,12 @@ def test_schedule_as_rates_is_stored(capsys: pytest.CaptureFixture[str], tiny_fi
     assert torch.load(out, weights_only=True)["surgery"]["schedule"] == [0.05, 0.2]
 
 
-def test_schedule_with_the_wrong_number_of_rates(capsys: pytest.CaptureFixture[str], tiny_file: Path, tmp_path: Path) -> None:
-    assert main(["apply", str(tiny_file), *TRUST, "--p-max", "0.2", "--schedule", "0.1", "-o", str(tmp_path / "o")]) == 1
+def test_schedule_with_the_wrong_number_of_rates(
+    capsys: pytest.CaptureFixture[str], tiny_file: Path, tmp_path: Path
+) -> None:
+    assert (
+        main(["apply", str(tiny_file), *TRUST, "--p-max", "0.2", "--schedule", "0.1", "-o", str(tmp_path / "o")]) == 1
+    )
     assert "schedule lists 1 rates but the model has 2 residual blocks" in one_error_line(capsys)
 
 
@@ -203,11 +212,15 @@ def test_inspect_names_the_residuals_left_alone(capsys: pytest.CaptureFixture[st
     assert main(["inspect", str(tmp_path / "down.pt"), "--trust-pickle"]) == 0
     out = capsys.readouterr().out
     assert "total: 2 residual sites in 2 blocks," in out
-    assert "left alone: 1 residual block outside the repeated blocks (down); the Python API's include= " \
+    assert (
+        "left alone: 1 residual block outside the repeated blocks (down); the Python API's include= "
         "retrofits them" in out
+    )
 
 
-def test_inspect_without_residuals_left_alone_prints_no_such_line(capsys: pytest.CaptureFixture[str], tiny_file: Path) -> None:
+def test_inspect_without_residuals_left_alone_prints_no_such_line(
+    capsys: pytest.CaptureFixture[str], tiny_file: Path
+) -> None:
     assert main(["inspect", str(tiny_file), "--trust-pickle"]) == 0
     assert "left alone" not in capsys.readouterr().out
 

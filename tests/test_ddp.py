@@ -41,11 +41,15 @@ def _train(rank: int, world: int, port: int, out_dir: str) -> None:
         for mode in MODES:
             torch.manual_seed(0)  # same weights and the same drop seed on every rank
             model = apply_stochastic_depth(
-                ConvNet(blocks=4, channels=4), 0.5, mode=mode, schedule="uniform", example_inputs=torch.randn(2, 3, 8, 8)
+                ConvNet(blocks=4, channels=4),
+                0.5,
+                mode=mode,
+                schedule="uniform",
+                example_inputs=torch.randn(2, 3, 8, 8),
             )
             ran = []  # which blocks computed their branch, step by step
             for i, block in enumerate(model.blocks):
-                block.conv1.register_forward_hook(lambda *args, i=i: ran.append(i))
+                block.conv1.register_forward_hook(lambda *args, i=i, ran=ran: ran.append(i))
             ddp = DistributedDataParallel(model)  # find_unused_parameters=False
             optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
             data = torch.Generator().manual_seed(100 + rank)  # each rank its own batches

@@ -115,8 +115,8 @@ def test_class_settings_of_the_original_block_read_the_same():
     torch.manual_seed(0)
     result = apply_stochastic_depth(Net().eval(), 0.2, example_inputs=(torch.randn(2, 8),))
     assert result.blocks[0].scale_default == 1.0
-    with pytest.raises(AttributeError):
-        result.blocks[0].no_such_setting
+    with pytest.raises(AttributeError, match="no_such_setting"):
+        _ = result.blocks[0].no_such_setting
 
 
 def test_rewrap_refuses_a_wrapper_that_does_not_hold_what_it_wraps():

@@ -30,7 +30,10 @@ def _free_port() -> int:
 
 def _batches(world: int):
     data = torch.Generator().manual_seed(100)
-    return [(torch.randn(8 * world, 6, generator=data), torch.randint(0, 6, (8 * world,), generator=data)) for _ in range(STEPS)]
+    return [
+        (torch.randn(8 * world, 6, generator=data), torch.randint(0, 6, (8 * world,), generator=data))
+        for _ in range(STEPS)
+    ]
 
 
 def _step(model, optimizer, x, y) -> None:
@@ -50,7 +53,9 @@ def _train(rank: int, world: int, port: int, out_dir: str) -> None:
         for mode in MODES:
             for p_max in (0.0, 0.5):
                 torch.manual_seed(0)  # same weights and the same drop seed on every rank
-                model = apply_stochastic_depth(MLPNet(blocks=4, width=6), 0.5, mode=mode, example_inputs=torch.randn(2, 6))
+                model = apply_stochastic_depth(
+                    MLPNet(blocks=4, width=6), 0.5, mode=mode, example_inputs=torch.randn(2, 6)
+                )
                 set_drop_rates(model, p_max, schedule="uniform")
                 reference = copy.deepcopy(model)
                 ran = []  # which blocks computed their branch, step by step
@@ -72,9 +77,8 @@ def _train(rank: int, world: int, port: int, out_dir: str) -> None:
                 runs = [None] * world
                 dist.all_gather_object(runs, ran)
                 results[f"{mode}-{p_max}"] = {
-                    "equals_unsharded": p_max == 0.0 and all(
-                        torch.allclose(f, r, rtol=1e-5, atol=1e-6) for f, r in zip(full, reference.parameters())
-                    ),
+                    "equals_unsharded": p_max == 0.0
+                    and all(torch.allclose(f, r, rtol=1e-5, atol=1e-6) for f, r in zip(full, reference.parameters())),
                     "trained": all(not torch.equal(f, b) for f, b in zip(full, before)),
                     "same_blocks_ran": all(r == runs[0] for r in runs),
                     "branch_calls": len(ran),

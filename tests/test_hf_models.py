@@ -25,7 +25,11 @@ VOCAB = 100
 
 def _bert():
     config = transformers.BertConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=37,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=37,
         max_position_embeddings=64,
     )
     return transformers.BertModel(config)
@@ -40,15 +44,27 @@ def _gpt2():
 
 def _llama():
     config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2, num_key_value_heads=1,
-        intermediate_size=37, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     return transformers.LlamaForCausalLM(config)
 
 
 def _vit():
     config = transformers.ViTConfig(
-        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
         intermediate_size=37,
     )
     return transformers.ViTModel(config)
@@ -56,7 +72,12 @@ def _vit():
 
 def _swin():
     config = transformers.SwinConfig(
-        image_size=32, patch_size=4, embed_dim=16, depths=[1, 2], num_heads=[1, 2], window_size=2,
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 2],
+        num_heads=[1, 2],
+        window_size=2,
         drop_path_rate=0.1,
     )
     return transformers.SwinModel(config)
@@ -66,7 +87,7 @@ def _tokens(batch=2, length=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, VOCAB, (batch, length), generator=generator)
     mask = torch.ones(batch, length, dtype=torch.long)
-    mask[0, length // 2:] = 0  # the first sequence is padded
+    mask[0, length // 2 :] = 0  # the first sequence is padded
     return {"input_ids": ids, "attention_mask": mask}
 
 
@@ -213,8 +234,15 @@ def test_trains_with_the_transformers_trainer(retrofitted, tmp_path):
     batch = _tokens(4, 8, seed=3)
     examples = [{"input_ids": ids, "attention_mask": mask, "labels": ids} for ids, mask in zip(*batch.values())]
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2, use_cpu=True,
-        report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        output_dir=str(tmp_path),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
     )
     trainer = transformers.Trainer(model=result, args=arguments, train_dataset=examples)
     output = trainer.train()

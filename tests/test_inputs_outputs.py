@@ -17,7 +17,7 @@ from sdsurgery import (
     verify,
 )
 from sdsurgery.inputs import ExampleCall, as_call
-from sdsurgery.verify import compare_outputs, output_leaves
+from sdsurgery.verification import compare_outputs, output_leaves
 
 X = torch.randn(2, 8)
 
@@ -111,7 +111,10 @@ def test_leaves_are_named_by_where_they_are():
     h = torch.zeros(2)
     leaves = output_leaves(Prediction(h, {"features": (h, [h])}, "ok"))
     assert [k for k in leaves if not k.endswith(">")] == [
-        ".logits", ".extras['features'][0]", ".extras['features'][1][0]", ".label",
+        ".logits",
+        ".extras['features'][0]",
+        ".extras['features'][1][0]",
+        ".label",
     ]
 
 
@@ -182,7 +185,9 @@ def test_a_retrofitted_model_that_raises_is_a_verification_error():
     retrofitted = apply_stochastic_depth(original, 0.2, example_inputs=X)
     assert verify(original, retrofitted, X).ok  # positive control
     retrofitted[1] = BreaksInEval()
-    with pytest.raises(VerificationError, match="retrofitted model raised RuntimeError in eval mode.*broken on purpose"):
+    with pytest.raises(
+        VerificationError, match="retrofitted model raised RuntimeError in eval mode.*broken on purpose"
+    ):
         verify(original, retrofitted, X)
 
 

@@ -52,8 +52,14 @@ def _run(module, callback, tmp_path, max_steps=2, ckpt_path=None):
     torch.manual_seed(0)
     probe = RateProbe()
     trainer = pl.Trainer(
-        max_steps=max_steps, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
         callbacks=[callback, probe],
     )
     trainer.fit(module, DataLoader(DATA, batch_size=4), ckpt_path=ckpt_path)

@@ -328,8 +328,9 @@ def test_compound_repeated_block_is_one_unit_with_one_rate():
     plan = plan_stochastic_depth(CompoundNet(), 0.2, example_inputs=IMAGE)
     assert plan.num_blocks == 3 and plan.repeated_blocks == ("blocks.0", "blocks.1", "blocks.2")
     assert [(s.block_path, s.depth, s.drop_rate) for s in plan.sites] == [
-        (f"blocks.{i}.{part}", i, 0.1 * i) for i in range(3) for part in ("conv", "attn_block", "attn_block",
-                                                                            "attn_grid", "attn_grid")
+        (f"blocks.{i}.{part}", i, 0.1 * i)
+        for i in range(3)
+        for part in ("conv", "attn_block", "attn_block", "attn_grid", "attn_grid")
     ]
 
 
@@ -437,7 +438,10 @@ def test_heavy_residual_outside_the_repeated_blocks_is_a_block_of_its_own():
     model.stages[1].downsample = HeavyDownsample()
     plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
     assert [s.block_path for s in plan.sites] == [
-        "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample", "stages.1.blocks.0",
+        "stages.0.blocks.0",
+        "stages.0.blocks.1",
+        "stages.1.downsample",
+        "stages.1.blocks.0",
     ]
     assert plan.left_alone == ["stages.0.downsample"]
 
@@ -450,7 +454,11 @@ def test_levit_downsampling_mlp_keeps_its_drop_path_as_in_timm():
 def test_include_adds_the_residuals_left_alone():
     plan = plan_stochastic_depth(StagedNet(), 0.1, include=["*"], example_inputs=IMAGE)
     assert [s.block_path for s in plan.sites] == [
-        "stages.0.downsample", "stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample", "stages.1.blocks.0",
+        "stages.0.downsample",
+        "stages.0.blocks.0",
+        "stages.0.blocks.1",
+        "stages.1.downsample",
+        "stages.1.blocks.0",
     ]
     assert plan.num_blocks == 5 and plan.left_alone == []
 
@@ -524,9 +532,12 @@ def test_stream_merge_is_no_site_in_any_block_of_its_class():
     # is a merge there too. The last block's pixel residual, which feeds only that merge, stays a site.
     plan = plan_stochastic_depth(TwoStreamNet(), 0.2, example_inputs=TOKENS)
     assert [(s.block_path, s.add, s.depth) for s in plan.sites] == [
-        ("blocks.0", "add", 0), ("blocks.0", "add_2", 0),
-        ("blocks.1", "add_3", 1), ("blocks.1", "add_5", 1),
-        ("blocks.2", "add_6", 2), ("blocks.2", "add_8", 2),
+        ("blocks.0", "add", 0),
+        ("blocks.0", "add_2", 0),
+        ("blocks.1", "add_3", 1),
+        ("blocks.1", "add_5", 1),
+        ("blocks.2", "add_6", 2),
+        ("blocks.2", "add_8", 2),
     ]
 
 
@@ -559,8 +570,16 @@ def test_shortcut_projected_by_the_caller_stays_a_site():
 
 
 def test_tnt_retrofit_trains_like_timms_native_drop_path():
-    config = dict(img_size=32, patch_size=16, embed_dim=32, inner_dim=8, depth=3, num_heads_inner=2,
-                  num_heads_outer=2, num_classes=5)
+    config = dict(
+        img_size=32,
+        patch_size=16,
+        embed_dim=32,
+        inner_dim=8,
+        depth=3,
+        num_heads_inner=2,
+        num_heads_outer=2,
+        num_classes=5,
+    )
     torch.manual_seed(0)
     plain = timm.create_model("tnt_s_patch16_224", **config)
     native = timm.create_model("tnt_s_patch16_224", drop_path_rate=0.5, **config)
@@ -592,8 +611,15 @@ def test_stages_of_varying_composition_number_each_block():
     # stage is the repeated element, not a compound block, so each of its blocks keeps an index.
     model = nn.Sequential(VaryingStage(1), VaryingStage(1), VaryingStage(2))
     plan = plan_stochastic_depth(model, 0.1, example_inputs=IMAGE)
-    assert plan.repeated_blocks == ("0.blocks.0", "0.blocks.1", "1.blocks.0", "1.blocks.1", "2.blocks.0",
-                                    "2.blocks.1", "2.blocks.2")
+    assert plan.repeated_blocks == (
+        "0.blocks.0",
+        "0.blocks.1",
+        "1.blocks.0",
+        "1.blocks.1",
+        "2.blocks.0",
+        "2.blocks.1",
+        "2.blocks.2",
+    )
     assert [s.depth for s in plan.sites] == [0, 1, 1, 2, 3, 3, 4, 5, 6, 6]
 
 
@@ -639,8 +665,11 @@ class Depthwise(nn.Module):
 
 
 def _mobile_net(first_stage):
-    stages = [first_stage, nn.Sequential(MaybeResidual(4, 6), MaybeResidual(6, 6), MaybeResidual(6, 6)),
-              nn.Sequential(MaybeResidual(6, 8), MaybeResidual(8, 8))]
+    stages = [
+        first_stage,
+        nn.Sequential(MaybeResidual(4, 6), MaybeResidual(6, 6), MaybeResidual(6, 6)),
+        nn.Sequential(MaybeResidual(6, 8), MaybeResidual(8, 8)),
+    ]
     return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.Sequential(*stages))
 
 

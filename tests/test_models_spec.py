@@ -1,4 +1,4 @@
-"""Model specs, building with random weights, and reading weight files (:mod:`sdsurgery.models`)."""
+"""Model specs, building with random weights, and reading weight files (:mod:`sdsurgery.specs`, :mod:`sdsurgery.weights`)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,12 @@ import torch
 import torchvision
 
 from cli_tiny_models import TinyResidual
-from sdsurgery.models import (
-    BuildOptions,
-    ModelSpec,
-    ModelSpecError,
+from sdsurgery.specs import BuildOptions, ModelSpec, ModelSpecError, build_model, load_pickled_model, parse_model_spec
+from sdsurgery.weights import (
     PickledObjectsError,
     WeightsError,
-    build_model,
     extract_state_dict,
-    load_pickled_model,
     load_weights,
-    parse_model_spec,
     read_tensor_file,
     strip_wrapper_prefixes,
 )
@@ -31,11 +26,14 @@ from sdsurgery.models import (
 # --- parsing --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, spec", [
-    ("torchvision:resnet18", ModelSpec("torchvision", "resnet18")),
-    ("timm:vit_tiny_patch16_224", ModelSpec("timm", "vit_tiny_patch16_224")),
-    ("timm:resnet18.a1_in1k", ModelSpec("timm", "resnet18.a1_in1k")),
-])
+@pytest.mark.parametrize(
+    "text, spec",
+    [
+        ("torchvision:resnet18", ModelSpec("torchvision", "resnet18")),
+        ("timm:vit_tiny_patch16_224", ModelSpec("timm", "vit_tiny_patch16_224")),
+        ("timm:resnet18.a1_in1k", ModelSpec("timm", "resnet18.a1_in1k")),
+    ],
+)
 def test_parse_registry_specs(text: str, spec: ModelSpec) -> None:
     assert parse_model_spec(text) == spec
     assert str(spec) == text
@@ -189,12 +187,15 @@ def test_read_unreadable_file(tmp_path: Path) -> None:
         read(path)
 
 
-@pytest.mark.parametrize("contents, message", [
-    (b"", "the file is empty"),
-    (b"epoch,loss\n1,0.5\n", "it is a text file"),
-    ("r\u00e9sum\u00e9 \u2014 notes".encode() * 3, "it is a text file"),
-    (bytes(range(256)) * 4, "it is neither a PyTorch nor a safetensors file"),
-])
+@pytest.mark.parametrize(
+    "contents, message",
+    [
+        (b"", "the file is empty"),
+        (b"epoch,loss\n1,0.5\n", "it is a text file"),
+        ("r\u00e9sum\u00e9 \u2014 notes".encode() * 3, "it is a text file"),
+        (bytes(range(256)) * 4, "it is neither a PyTorch nor a safetensors file"),
+    ],
+)
 def test_read_files_that_are_not_tensor_files(tmp_path: Path, contents: bytes, message: str) -> None:
     (tmp_path / "f.pt").write_bytes(contents)
     with pytest.raises(WeightsError, match=f"f.pt is not a weights file: {message}"):
@@ -236,15 +237,18 @@ def test_read_safetensors_without_the_suffix(tmp_path: Path) -> None:
 STATE = {"a.weight": torch.ones(2), "a.bias": torch.zeros(2)}
 
 
-@pytest.mark.parametrize("contents", [
-    STATE,
-    {"state_dict": STATE, "epoch": 3},
-    {"model": STATE, "optimizer": {"state": {}}},
-    {"model_ema": STATE},
-    {"state_dict": STATE, "model_ema": {"a.weight": torch.zeros(2)}},
-    {f"module.{k}": v for k, v in STATE.items()},
-    {"model": {f"module._orig_mod.{k}": v for k, v in STATE.items()}},
-])
+@pytest.mark.parametrize(
+    "contents",
+    [
+        STATE,
+        {"state_dict": STATE, "epoch": 3},
+        {"model": STATE, "optimizer": {"state": {}}},
+        {"model_ema": STATE},
+        {"state_dict": STATE, "model_ema": {"a.weight": torch.zeros(2)}},
+        {f"module.{k}": v for k, v in STATE.items()},
+        {"model": {f"module._orig_mod.{k}": v for k, v in STATE.items()}},
+    ],
+)
 def test_extract_state_dict(contents: dict) -> None:
     assert extract_state_dict(contents, "f") == STATE
 
@@ -308,7 +312,9 @@ def test_weights_that_do_not_fit_name_missing_unexpected_and_mismatched_keys(tmp
 
 def test_many_missing_keys_are_abbreviated(tmp_path: Path) -> None:
     torch.save({"x": torch.ones(1)}, tmp_path / "w.pt")
-    with pytest.raises(WeightsError, match=r"missing \(stem.weight, stem.bias, blocks.0.conv.weight, \.\.\. \d+ more\)"):
+    with pytest.raises(
+        WeightsError, match=r"missing \(stem.weight, stem.bias, blocks.0.conv.weight, \.\.\. \d+ more\)"
+    ):
         load_weights(TinyResidual(), tmp_path / "w.pt", target="tiny")
 
 

@@ -64,7 +64,7 @@ def test_module_exposes_p_mode_and_timm_drop_prob():
     assert (module.p, module.mode, module.drop_prob) == (0.2, "batch", 0.2)
     module.drop_prob = 0.4
     assert module.p == 0.4
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"rate p must be in \[0, 1\), got 1.0"):
         module.p = 1.0
     assert repr(module) == "StochasticDepth(p=0.4, mode='batch')"
 

@@ -15,7 +15,8 @@ from sdsurgery import (
     set_drop_rates,
     strip_stochastic_depth,
 )
-from sdsurgery.ops import STOCHASTIC_DEPTH_FUNCTIONS, STOCHASTIC_DEPTH_MODULES
+from sdsurgery.ops import is_stochastic_depth_op
+from sdsurgery.residuals import is_stochastic_depth
 from tiny_residual_models import ConvNet, tiny_vit
 
 IMAGES = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -41,7 +42,11 @@ def test_linear_schedule_rises_to_p_max_by_depth(convnet):
 
 @pytest.mark.parametrize(
     "schedule,expected",
-    [("uniform", [0.3] * 4), ([0.0, 0.05, 0.1, 0.4], [0.0, 0.05, 0.1, 0.4]), (lambda i, n: 0.1 * (n - 1 - i), [0.3, 0.2, 0.1, 0.0])],
+    [
+        ("uniform", [0.3] * 4),
+        ([0.0, 0.05, 0.1, 0.4], [0.0, 0.05, 0.1, 0.4]),
+        (lambda i, n: 0.1 * (n - 1 - i), [0.3, 0.2, 0.1, 0.0]),
+    ],
     ids=["uniform", "list", "callable"],
 )
 def test_other_schedules(convnet, schedule, expected):
@@ -97,13 +102,13 @@ def test_rate_outside_unit_interval_raises(convnet, p_max):
 
 
 def _stochastic_depth_left(model):
-    modules = [n for n, m in model.named_modules() if isinstance(m, STOCHASTIC_DEPTH_MODULES)]
+    modules = [n for n, m in model.named_modules() if is_stochastic_depth_op(m)]
     nodes = [
         n.name
-        for m in model.modules() if isinstance(m, fx.GraphModule)
+        for m in model.modules()
+        if isinstance(m, fx.GraphModule)
         for n in m.graph.nodes
-        if (n.op == "call_module" and isinstance(m.get_submodule(n.target), STOCHASTIC_DEPTH_MODULES))
-        or (n.op == "call_function" and n.target in STOCHASTIC_DEPTH_FUNCTIONS)
+        if is_stochastic_depth(n, m)
     ]
     return modules + nodes
 

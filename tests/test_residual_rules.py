@@ -124,7 +124,14 @@ class TwinsLike(nn.Module):
 
 def test_positional_conv_between_repeated_blocks_is_left_alone():
     plan = plan_stochastic_depth(TwinsLike(), 0.1, example_inputs=X)
-    assert [s.block_path for s in plan.sites] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1", "blocks.2", "blocks.2"]
+    assert [s.block_path for s in plan.sites] == [
+        "blocks.0",
+        "blocks.0",
+        "blocks.1",
+        "blocks.1",
+        "blocks.2",
+        "blocks.2",
+    ]
     assert plan.left_alone == ["pos"]
 
 
@@ -136,7 +143,13 @@ def test_positional_conv_on_a_trunk_without_repeated_blocks_is_a_site():
 def test_positional_conv_inside_a_block_is_part_of_that_block():
     sites = find_residual_sites(Trunk(), nested=True, example_inputs=X)
     assert [s.block_path for s in sites] == [
-        "blocks.0.cpe", "blocks.0", "blocks.0", "pos", "blocks.1.cpe", "blocks.1", "blocks.1",
+        "blocks.0.cpe",
+        "blocks.0",
+        "blocks.0",
+        "pos",
+        "blocks.1.cpe",
+        "blocks.1",
+        "blocks.1",
     ]
 
 

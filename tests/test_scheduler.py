@@ -84,8 +84,13 @@ def test_state_dict_is_plain_data_and_carries_the_configuration(model):
     scheduler = DropRateScheduler(model, 0.2, profile="early", switch_step=5, schedule="uniform")
     scheduler.step()
     assert scheduler.state_dict() == {
-        "last_step": 1, "p_max": 0.2, "total_steps": None, "warmup_steps": None, "switch_step": 5,
-        "profile": "early", "schedule": "uniform",
+        "last_step": 1,
+        "p_max": 0.2,
+        "total_steps": None,
+        "warmup_steps": None,
+        "switch_step": 5,
+        "profile": "early",
+        "schedule": "uniform",
     }
 
 
@@ -106,7 +111,16 @@ def test_load_rejects_something_else(model):
         ({"profile": "constant", "warmup_steps": 3}, "does not apply to profile 'constant'"),
         ({"profile": lambda step: 2.0}, r"factor must be in \[0, 1\]"),
     ],
-    ids=["unknown", "warmup-steps", "switch-step", "fraction-total", "fraction-range", "negative", "irrelevant", "callable-range"],
+    ids=[
+        "unknown",
+        "warmup-steps",
+        "switch-step",
+        "fraction-total",
+        "fraction-range",
+        "negative",
+        "irrelevant",
+        "callable-range",
+    ],
 )
 def test_bad_configuration_raises(model, kwargs, message):
     with pytest.raises(ValueError, match=message):

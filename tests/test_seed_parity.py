@@ -58,10 +58,12 @@ def make_sd_probs(num_blocks, p_max):
 
 
 def make_stage(cin, cout, num_blocks, stride, sd_probs):
-    return nn.Sequential(*[
-        BasicResBlockSD(cin if i == 0 else cout, cout, stride=stride if i == 0 else 1, sd_p=sd_probs[i])
-        for i in range(num_blocks)
-    ])
+    return nn.Sequential(
+        *[
+            BasicResBlockSD(cin if i == 0 else cout, cout, stride=stride if i == 0 else 1, sd_p=sd_probs[i])
+            for i in range(num_blocks)
+        ]
+    )
 
 
 class TinyResNetStochasticDepth(nn.Module):

@@ -8,7 +8,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from tiny_residual_models import Residual
 
 from sdsurgery import (
     NoResidualSitesError,
@@ -19,6 +18,7 @@ from sdsurgery import (
     find_residual_sites,
     verify,
 )
+from tiny_residual_models import Residual
 
 
 def _rates(model):
@@ -113,6 +113,12 @@ def test_include_keeps_only_matching_blocks(resnet):
 def test_exclude_by_class_drops_matching_blocks():
     model = torchvision.models.resnet50()
     assert find_residual_sites(model, exclude=[torchvision.models.resnet.Bottleneck]) == []
+
+
+def test_exclude_by_another_class_keeps_every_block():
+    model = torchvision.models.resnet50()
+    sites = find_residual_sites(model, exclude=[torchvision.models.resnet.BasicBlock])
+    assert [s.block_path for s in sites] == [f"layer{i}.{j}" for i, n in enumerate((3, 4, 6, 3), 1) for j in range(n)]
 
 
 def test_uniform_schedule(resnet):

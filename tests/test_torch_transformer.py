@@ -21,7 +21,7 @@ def _tokens(batch: int, length: int, batch_first: bool, seed: int = 0) -> torch.
 
 def _padding(batch: int, length: int) -> torch.Tensor:
     mask = torch.zeros(batch, length, dtype=torch.bool)
-    mask[-1, length // 2:] = True  # the last sequence is padded, left-aligned as nested tensors need
+    mask[-1, length // 2 :] = True  # the last sequence is padded, left-aligned as nested tensors need
     return mask
 
 
@@ -41,7 +41,10 @@ def decoder(norm_first: bool, batch_first: bool, layers: int = 2) -> nn.Transfor
 def test_encoder_layers_have_two_sites_each(norm_first, batch_first):
     sites = find_residual_sites(encoder(norm_first, batch_first), 0.2, example_inputs=_tokens(2, 5, batch_first))
     assert [(s.block_path, s.depth, s.drop_rate) for s in sites] == [
-        ("layers.0", 0, 0.0), ("layers.0", 0, 0.0), ("layers.1", 1, 0.2), ("layers.1", 1, 0.2),
+        ("layers.0", 0, 0.0),
+        ("layers.0", 0, 0.0),
+        ("layers.1", 1, 0.2),
+        ("layers.1", 1, 0.2),
     ]
 
 
@@ -87,7 +90,9 @@ def test_decoder_layers_have_three_sites_each_and_verify(norm_first, batch_first
     original = decoder(norm_first, batch_first)
     tgt, memory = _tokens(2, 4, batch_first), _tokens(2, 5, batch_first, seed=1)
     inputs = {
-        "tgt": tgt, "memory": memory, "tgt_mask": nn.Transformer.generate_square_subsequent_mask(4),
+        "tgt": tgt,
+        "memory": memory,
+        "tgt_mask": nn.Transformer.generate_square_subsequent_mask(4),
         "memory_key_padding_mask": _padding(2, 5),
     }
     sites = find_residual_sites(original, 0.2, example_inputs=inputs)
@@ -104,6 +109,7 @@ def test_a_whole_nn_transformer_gets_every_layer():
     model = nn.Transformer(D, HEADS, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=FF, batch_first=True)
     sites = find_residual_sites(model, 0.1, example_inputs=(_tokens(2, 5, True), _tokens(2, 4, True, seed=1)))
     paths = [s.block_path for s in sites]
-    assert paths == ["encoder.layers.0"] * 2 + ["encoder.layers.1"] * 2 + ["decoder.layers.0"] * 3 + [
-        "decoder.layers.1"
-    ] * 3
+    assert (
+        paths
+        == ["encoder.layers.0"] * 2 + ["encoder.layers.1"] * 2 + ["decoder.layers.0"] * 3 + ["decoder.layers.1"] * 3
+    )

@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 from torch import nn
-from tiny_residual_models import Residual
 
 from sdsurgery import (
     StochasticDepth,
@@ -18,6 +17,7 @@ from sdsurgery import (
     plan_stochastic_depth,
     verify,
 )
+from tiny_residual_models import Residual
 
 X = torch.randn(2, 8)
 
@@ -60,7 +60,9 @@ def test_root_failure_falls_back_to_children_in_execution_order():
 def test_parts_share_one_depth_numbering():
     sites = find_residual_sites(DataDependentRoot(), 0.2, example_inputs=X)
     assert [(s.block_path, s.depth, s.drop_rate) for s in sites] == [
-        ("blocks.0", 0, 0.0), ("blocks.1", 1, 0.1), ("head", 2, 0.2),
+        ("blocks.0", 0, 0.0),
+        ("blocks.1", 1, 0.1),
+        ("head", 2, 0.2),
     ]
 
 
@@ -101,7 +103,11 @@ def test_fallback_recurses_into_children_that_do_not_trace_either():
     plan = plan_stochastic_depth(NestedDataDependent(), 0.2, example_inputs=torch.ones(2, 8))
     assert set(plan.untraced) == {"", "container"}
     assert plan.parts == ["container.first", "container.second", "last"]
-    assert [(s.block_path, s.depth) for s in plan.sites] == [("container.first", 0), ("container.second", 1), ("last", 2)]
+    assert [(s.block_path, s.depth) for s in plan.sites] == [
+        ("container.first", 0),
+        ("container.second", 1),
+        ("last", 2),
+    ]
 
 
 def test_without_an_example_input_parts_follow_registration_order():
@@ -333,5 +339,7 @@ def test_shared_module_called_inside_blocks_gets_its_stochastic_depth_in_every_c
     report = verify(original, retrofitted, X)
     assert report.ok
     assert sorted(c.module for c in report.sites) == [
-        "blocks.0.stochastic_depth", "blocks.1.stochastic_depth", "encoding.stochastic_depth",
+        "blocks.0.stochastic_depth",
+        "blocks.1.stochastic_depth",
+        "encoding.stochastic_depth",
     ]

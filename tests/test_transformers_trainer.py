@@ -45,9 +45,18 @@ class RateProbe(TrainerCallback):
 
 def _trainer(model, callback, tmp_path, max_steps=2):
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=0.1,
-        report_to="none", disable_tqdm=True, logging_strategy="no", save_strategy="steps", save_steps=2,
-        use_cpu=True, dataloader_num_workers=0, seed=0,
+        output_dir=str(tmp_path),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        learning_rate=0.1,
+        report_to="none",
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="steps",
+        save_steps=2,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
     )
     probe = RateProbe()
     return Trainer(model=model, args=args, train_dataset=DATA, callbacks=[callback, probe]), probe
@@ -76,7 +85,9 @@ def test_rates_follow_the_profile_by_optimizer_step(tmp_path):
 
 
 def test_resume_from_a_trainer_checkpoint_continues_at_its_step(tmp_path):
-    trainer, _ = _trainer(ResidualClassifier(), StochasticDepthCallback(0.4, profile="warmup", warmup_steps=4), tmp_path)
+    trainer, _ = _trainer(
+        ResidualClassifier(), StochasticDepthCallback(0.4, profile="warmup", warmup_steps=4), tmp_path
+    )
     trainer.train()
     assert (tmp_path / "checkpoint-2").is_dir()
 

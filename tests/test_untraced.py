@@ -43,8 +43,9 @@ def test_no_site_error_names_the_modules_that_did_not_trace():
         apply_stochastic_depth(model, 0.1, example_inputs=X)
     message = str(raised.value)
     assert message.startswith("no residual addition found in Sequential")
-    assert f"these modules did not trace, so their residual additions (if any) could not be found: 0 ({UNTRACED_REASON})" in (
-        message
+    assert (
+        f"these modules did not trace, so their residual additions (if any) could not be found: 0 ({UNTRACED_REASON})"
+        in (message)
     )
 
 

@@ -1,11 +1,12 @@
-"""The verifier catches every way a retrofit can be wrong: changed outputs, SD on the skip, SD after the add."""
+"""The verifier catches every way a retrofit can be wrong: changed outputs, SD on the skip, SD after the add,
+and SD where a wrong residual rule put it."""
 
 import pytest
 import timm
 import torch
 import torchvision
 
-from sdsurgery import apply_stochastic_depth, default_example_inputs, verify
+from sdsurgery import apply_stochastic_depth, default_example_inputs, residuals, verify
 
 
 @pytest.fixture
@@ -39,6 +40,46 @@ def test_correct_retrofit_passes(models):
     assert report.ok and report.eval_ok and report.train_ok and report.sites_ok
     assert (report.eval_max_abs_diff, report.train_max_abs_diff) == (0.0, 0.0)
     assert all(check.on_branch for check in report.sites)
+
+
+def test_each_site_is_shown_on_its_branch_by_the_layers_that_reach_it(models):
+    report = verify(*models)
+    layers = {c.module.removesuffix(".stochastic_depth"): (c.branch_layers, c.skip_layers) for c in report.sites}
+    # a BasicBlock's branch is conv1, bn1, conv2, bn2; an identity skip has no layer, a projection two
+    assert layers == {
+        "layer1.0": (4, 0),
+        "layer1.1": (4, 0),
+        "layer2.0": (4, 2),
+        "layer2.1": (4, 0),
+        "layer3.0": (4, 2),
+        "layer3.1": (4, 0),
+        "layer4.0": (4, 2),
+        "layer4.1": (4, 0),
+    }
+
+
+def test_a_wrong_rule_is_caught_not_only_a_wrong_rewrite(monkeypatch):
+    """A rule that takes the heavier path for the skip puts stochastic depth on the projection shortcut. The
+    rewrite follows the rule faithfully: eval and train outputs stay equal and a drop returns the other
+    operand; only a view of the branch that does not reuse the rule catches it. The wrong rule stays in
+    force while verifying, as it would if it were the package's own."""
+    torch.manual_seed(0)
+    original = torchvision.models.resnet18()
+    layer_count = residuals._layer_count
+    monkeypatch.setattr(residuals, "_layer_count", lambda nodes, root: -layer_count(nodes, root))
+    retrofitted = apply_stochastic_depth(original, 0.2, verify=False)
+    sd = next(n for n in retrofitted.layer2[0].graph.nodes if n.target == "stochastic_depth")
+    assert sd.args[0].target == "downsample.1"  # the rule's skip/branch swap, rewritten as the rule said
+
+    report = verify(original, retrofitted)
+    failed = [(c.module, c.on_branch, c.branch_layers, c.skip_layers) for c in report.sites if not c.ok]
+    assert failed == [
+        ("layer2.0.stochastic_depth", False, 2, 4),
+        ("layer3.0.stochastic_depth", False, 2, 4),
+        ("layer4.0.stochastic_depth", False, 2, 4),
+    ]
+    assert report.eval_ok and report.train_ok and all(c.drops_to_skip and c.skip_unchanged for c in report.sites)
+    assert not report.ok
 
 
 def test_changed_weights_fail_the_eval_check(models):

@@ -65,7 +65,12 @@ def test_model_without_native_stochastic_depth_has_no_parity_check(rows):
 def test_dense_model_has_exactly_its_backbone_blocks(rows):
     row = rows["lraspp_mobilenet_v3_large"]
     assert (row.status, row.expected_blocks, row.sites, row.blocks, row.left_alone, row.verified) == (
-        "whole", 10, 10, 10, 0, "ok"
+        "whole",
+        10,
+        10,
+        10,
+        0,
+        "ok",
     )
 
 
@@ -95,10 +100,15 @@ def test_blocks_timm_rates_zero_by_rule_are_not_compared(rows):
 def test_report_states_the_targets_and_lists_every_model(rows, tmp_path):
     zoo.write_reports(list(rows.values()), tmp_path, wall_s=60.0, command="python benchmarks/zoo.py")
     report = (tmp_path / "zoo.md").read_text()
-    assert "torchvision classifiers with residual additions, retrofitted and verified (target 100%): **1/1 = 100.0%**" in report
+    assert (
+        "torchvision classifiers with residual additions, retrofitted and verified (target 100%): **1/1 = 100.0%**"
+        in report
+    )
     assert "timm families with native drop path whose placement equals timm's: **5/5 = 100.0%**" in report
-    assert ("timm families with native drop path whose train outputs equal timm's, same weights and seed (placement "
-            "and rates; target 95%): **5/5 = 100.0%**") in report
+    assert (
+        "timm families with native drop path whose train outputs equal timm's, same weights and seed (placement "
+        "and rates; target 95%): **5/5 = 100.0%**"
+    ) in report
     assert "| segmentation | lraspp_mobilenet_v3_large |" in report
     assert all(f"| {name} |" in report for name in rows)
     csv_lines = (tmp_path / "zoo.csv").read_text().splitlines()

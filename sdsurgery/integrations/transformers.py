@@ -18,14 +18,10 @@ try:
 except ImportError as error:
     raise ImportError("sdsurgery.integrations.transformers needs transformers: pip install 'sdsurgery[hf]'") from error
 
-from torch import nn
-
-from ..scheduler import DropRateScheduler, Profile, Steps
-from ..schedules import Schedule
-from .retrofit import retrofit_in_place
+from .retrofit import ScheduledRetrofit
 
 
-class StochasticDepthCallback(TrainerCallback):
+class StochasticDepthCallback(ScheduledRetrofit, TrainerCallback):
     """Retrofit the Trainer's model with stochastic depth and schedule its rates by optimizer step.
 
     The model is retrofitted in place when the Trainer is built (``on_init_end``; or at ``on_train_begin``
@@ -38,48 +34,16 @@ class StochasticDepthCallback(TrainerCallback):
     rates of the checkpoint's step. Works with any model the pass can retrofit.
     """
 
-    def __init__(
-        self,
-        p_max: float,
-        *,
-        profile: Profile = "constant",
-        schedule: Schedule = "linear",
-        total_steps: int | None = None,
-        warmup_steps: Steps | None = None,
-        switch_step: Steps | None = None,
-        **apply_kwargs: Any,
-    ) -> None:
-        self.p_max = p_max
-        self.schedule = schedule
-        self.apply_kwargs = apply_kwargs
-        self.scheduler_kwargs = {
-            "profile": profile, "schedule": schedule, "total_steps": total_steps, "warmup_steps": warmup_steps,
-            "switch_step": switch_step,
-        }
-        self.scheduler: DropRateScheduler | None = None
-        self._retrofitted: nn.Module | None = None
-
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._retrofit(kwargs["model"])
+        self.retrofit(kwargs["model"])
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
         model = kwargs["model"]
-        self._retrofit(model)
-        scheduler_kwargs = dict(self.scheduler_kwargs)
-        if scheduler_kwargs["total_steps"] is None and state.max_steps > 0:
-            scheduler_kwargs["total_steps"] = state.max_steps
-        self.scheduler = DropRateScheduler(model, self.p_max, **scheduler_kwargs)
-        self._follow(state)
+        self.retrofit(model)
+        self.start_scheduler(model, state.max_steps if state.max_steps > 0 else None)
+        self.follow(state.global_step)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self._follow(state)
-
-    def _retrofit(self, model: nn.Module) -> None:
-        if self._retrofitted is not model:
-            retrofit_in_place(model, self.p_max, schedule=self.schedule, **self.apply_kwargs)
-            self._retrofitted = model
-
-    def _follow(self, state: TrainerState) -> None:
-        # The Trainer's optimizer step, which a resumed run restores from the checkpoint.
-        if self.scheduler.last_step != state.global_step:
-            self.scheduler.set_step(state.global_step)
+        self.follow(state.global_step)

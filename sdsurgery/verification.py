@@ -2,8 +2,12 @@
 
 Three checks: eval-mode outputs are equal; with every drop rate forced to 0, train-mode outputs are equal
 under the same random seed; and at each site, the stochastic-depth node feeds a residual addition on its
-branch (skip and branch told apart by the graph, as the pass does), and forcing it to drop makes the
-addition return exactly its skip operand while the skip itself is unchanged.
+branch, and forcing it to drop makes the addition return exactly its skip operand while the skip itself is
+unchanged. Which operand is the branch is decided here without the graph rules that placed the node
+(:func:`sdsurgery.residuals.classify_add`), so that a wrong rule is caught, not only a wrong rewrite: the
+block's parametrised layers (given random values first, so that no zero-initialised scale hides a path) are
+perturbed one at a time, and the branch must be the operand that more of them reach (an identity skip is
+reached by none of the block's own layers, a projection by fewer).
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +23,12 @@ import torch
 from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
-from .errors import VerificationError
+from .errors import VerificationError, first_line
 from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode
 from .ops import StochasticDepth, is_stochastic_depth_op, set_drop_rate_of, stochastic_depth_functions_off
-from .residuals import ResidualAdd, add_operands, classify_add, input_dependent_nodes
+from .residuals import add_operands
+from .rewrite import RetrofittedBlock
+from .tracing import join_path
 
 
 def output_leaves(output: Any) -> dict[str, Any]:
@@ -117,13 +123,23 @@ def check_eval_outputs(expected: Any, retrofitted: nn.Module, example_inputs: Ex
 
 @dataclass(frozen=True)
 class SiteCheck:
-    """The drop check of one site: ``module`` is the stochastic-depth module, ``add`` its addition."""
+    """The checks of one site: ``module`` is the stochastic-depth module, ``add`` the residual addition it feeds.
+
+    ``on_branch``: the op sits on the heavier operand of ``add``, found from values rather than from the graph
+    rules that placed it: perturbing the block's parametrised layers one at a time, ``branch_layers`` of them
+    change the op's operand and not the other, ``skip_layers`` the other and not the op's, and the op's side
+    must have more (a residual branch is the path with more layers; an identity skip has none).
+    ``drops_to_skip``: forcing the op to drop makes ``add`` return exactly its other operand, and
+    ``skip_unchanged``: that operand is what it is without the drop.
+    """
 
     module: str
     add: str
     on_branch: bool
     drops_to_skip: bool
     skip_unchanged: bool
+    branch_layers: int = 0
+    skip_layers: int = 0
 
     @property
     def ok(self) -> bool:
@@ -162,7 +178,8 @@ class VerificationReport:
     def summary(self) -> str:
         failed = [c.module for c in self.sites if not c.ok]
         train = (
-            f"train check skipped ({self.train_skipped})" if self.train_max_abs_diff is None
+            f"train check skipped ({self.train_skipped})"
+            if self.train_max_abs_diff is None
             else f"train (rates 0) max abs diff {self.train_max_abs_diff:.3g}"
         )
         return (
@@ -195,9 +212,7 @@ def verify(
     if example_inputs is None:
         example_inputs = default_example_inputs(original)
         if example_inputs is None:
-            raise ValueError(
-                f"verify needs example_inputs: the input size of {type(original).__name__} is not known"
-            )
+            raise ValueError(f"verify needs example_inputs: the input size of {type(original).__name__} is not known")
     call = as_call(example_inputs)
     expected = eval_outputs(original, call)
     actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, call))
@@ -218,10 +233,9 @@ def _retrofitted_run(what: str, run: Any) -> Any:
     try:
         return run()
     except Exception as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise VerificationError(
             f"the retrofitted model raised {type(error).__name__} {what} on the example inputs, where the original "
-            f"runs: {reason}"
+            f"runs: {first_line(error)}"
         ) from error
 
 
@@ -242,8 +256,7 @@ def _train_diff_at_rate_zero(
     try:
         expected = _train_outputs(original, call, seed)
     except Exception as error:  # not a train-mode call form of this model (a detector wants targets)
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        return None, f"the original raises in train mode on these inputs: {reason}"
+        return None, f"the original raises in train mode on these inputs: {first_line(error)}"
     actual = _retrofitted_run("in train mode", lambda: _train_outputs(retrofitted, call, seed))
     return compare_outputs(expected, actual).max_abs_diff, None
 
@@ -258,9 +271,7 @@ class _SiteProbe(fx.Interpreter):
         self.dropped = dropped
         self.watched = watched
         self.values: dict[fx.Node, torch.Tensor] = {}
-
-    keywords: dict[str, Any] = {}
-    """The call's extra keywords, for a forward that takes ``**kwargs``."""
+        self.keywords: dict[str, Any] = {}  # the call's extra keywords, for a forward that takes **kwargs
 
     def placeholder(self, target: str, args: tuple, kwargs: dict) -> Any:
         if target.startswith("**"):  # fx's interpreter only hands positional arguments on
@@ -283,21 +294,6 @@ class _SiteProbe(fx.Interpreter):
         return result
 
 
-def _site_add(
-    sd_node: fx.Node, block: nn.Module, dependent: set[fx.Node], related_inputs: bool = False
-) -> ResidualAdd | None:
-    """The residual addition a stochastic-depth node feeds (through single-use ops such as layer scale),
-    with its skip and branch told apart by the same graph rules as the pass, independently of the node.
-    ``related_inputs``: the block is called inside the model, so its inputs share the model's input."""
-    node = sd_node
-    while len(node.users) == 1:
-        user = next(iter(node.users))
-        if add_operands(user) is not None:
-            return classify_add(user, block, dependent, related_inputs=related_inputs)
-        node = user
-    return None
-
-
 def _mutable(value: Any) -> Any:
     if isinstance(value, (immutable_list, list)):
         return [_mutable(v) for v in value]
@@ -314,7 +310,9 @@ def _block_calls(model: nn.Module, blocks: dict[str, nn.Module], run: Any) -> di
     handles = [
         block.register_forward_pre_hook(
             # A copy as the block got them: the call may hand it state that later code updates (a key-value cache).
-            lambda m, args, kwargs, path=path: None if path in calls else calls.setdefault(path, copy.deepcopy((args, kwargs))) and None,
+            lambda m, args, kwargs, path=path: (
+                None if path in calls else calls.setdefault(path, copy.deepcopy((args, kwargs))) and None
+            ),
             with_kwargs=True,
         )
         for path, block in blocks.items()
@@ -327,9 +325,84 @@ def _block_calls(model: nn.Module, blocks: dict[str, nn.Module], run: Any) -> di
     return calls
 
 
-def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
-    from .rewrite import RetrofittedBlock
+@dataclass(frozen=True)
+class _FedAddition:
+    """The addition a stochastic-depth call feeds: ``branch`` is its operand computed from the call (the call
+    itself, or a single-use op after it such as layer scale), ``skip`` the other operand."""
 
+    add: fx.Node
+    branch: fx.Node
+    skip: fx.Node
+
+
+def _fed_addition(sd_node: fx.Node) -> _FedAddition | None:
+    """Follow the call's single uses to the addition it feeds; ``None`` when it feeds none (after the add)."""
+    node = sd_node
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        operands = add_operands(user)
+        if operands is not None:
+            skip = operands[1] if operands[0] is node else operands[0]
+            if skip is node or not isinstance(skip, fx.Node):
+                return None
+            return _FedAddition(user, node, skip)
+        node = user
+    return None
+
+
+def _layers(block: nn.Module) -> list[list[nn.Parameter]]:
+    """The block's parametrised layers: each module's own parameters (a convolution's weight and bias), and
+    each parameter the block holds itself (a layer scale), one layer each."""
+    layers = [[p] for p in block.parameters(recurse=False)]
+    for _, module in block.named_modules(remove_duplicate=True):
+        own = list(module.parameters(recurse=False))
+        if module is not block and own:
+            layers.append(own)
+    return layers
+
+
+def _changed_by_each_layer(
+    block: fx.GraphModule, graph: fx.Graph, run: Callable[[_SiteProbe], None], watched: set[fx.Node]
+) -> list[set[fx.Node]]:
+    """For each parametrised layer, the ``watched`` nodes whose value changes when its parameters change.
+
+    Every layer is first given random parameters of its own scale, so that no value of the block's weights
+    hides what a layer reaches (timm zero-initialises the last normalisation of each residual branch, which
+    makes the branch a constant of the layers before it); each layer is then perturbed once more on its own.
+    The block's parameters are restored afterwards.
+    """
+    generator = torch.Generator().manual_seed(0)
+    layers = _layers(block)
+    originals = [[p.detach().clone() for p in layer] for layer in layers]
+
+    def perturb(layer: list[nn.Parameter]) -> None:
+        for p in layer:
+            scale = p.detach().abs().mean().clamp_min(1e-2).item()
+            noise = torch.randn(p.shape, generator=generator, dtype=torch.float64) * scale
+            p.add_(noise.to(device=p.device, dtype=p.dtype))
+
+    try:
+        for layer in layers:
+            perturb(layer)
+        baseline = _SiteProbe(block, graph, None, watched)
+        run(baseline)
+        changed = []
+        for layer in layers:
+            random = [p.detach().clone() for p in layer]
+            perturb(layer)
+            probe = _SiteProbe(block, graph, None, watched)
+            run(probe)
+            for p, value in zip(layer, random):
+                p.copy_(value)
+            changed.append({n for n in watched if not torch.equal(probe.values[n], baseline.values[n])})
+    finally:
+        for layer, values in zip(layers, originals):
+            for p, value in zip(layer, values):
+                p.copy_(value)
+    return changed
+
+
+def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]:
     # Each block's arguments are taken from a train-mode run at rate 0, the mode its graphs serve (in eval a
     # model may call its blocks another way: torch's encoder passes nested tensors); from an eval run when
     # the model does not run in train mode on these inputs.
@@ -337,7 +410,7 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         probed = copy.deepcopy(retrofitted)
         blocks = {path: m for path, m in probed.named_modules() if isinstance(m, RetrofittedBlock)}
         calls = _block_calls(probed, blocks, lambda: _train_outputs(probed, inputs, 0, copied=True))
-    except Exception:  # noqa: BLE001 - any reason the train-mode call fails: use the eval call
+    except Exception:
         blocks = {path: m for path, m in retrofitted.named_modules() if isinstance(m, RetrofittedBlock)}
         calls = _block_calls(retrofitted, blocks, lambda: eval_outputs(retrofitted, inputs))
 
@@ -358,35 +431,40 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         args = bound.args  # GraphModule inputs in signature order; the interpreter flattens them like forward
         keywords = bound.kwargs  # a forward's **kwargs
 
-        def run(probe: _SiteProbe) -> None:  # on fresh copies: a run may update state it is passed (a cache)
+        # On fresh copies: a run may update state it is passed (a cache).
+        def run(probe: _SiteProbe, args: tuple = args, keywords: dict = keywords) -> None:
             fresh_args, fresh_keywords = copy.deepcopy((args, keywords))
             probe.keywords = fresh_keywords
             probe.run(*fresh_args)
 
-        dependent = input_dependent_nodes(graph)
         sites = {
-            node: _site_add(node, module, dependent, related_inputs=bool(path))
+            node: _fed_addition(node)
             for node in graph.find_nodes(op="call_module")
             if isinstance(module.get_submodule(node.target), StochasticDepth)
         }
-        watched = {n for site in sites.values() if site is not None for n in (site.add, site.skip)}
+        watched = {n for site in sites.values() if site is not None for n in (site.add, site.branch, site.skip)}
         with torch.no_grad(), model_mode(block, False):
             kept = _SiteProbe(module, graph, None, watched)
             run(kept)
+            changed = _changed_by_each_layer(module, graph, run, watched)
             for node, site in sites.items():
-                name = f"{path}.{node.target}" if path else node.target
+                name = join_path(path, node.target)
                 if site is None:  # not followed by a residual addition: after the add, or off any residual
                     checks.append(SiteCheck(name, "", False, False, False))
                     continue
+                branch_layers = sum(site.branch in c and site.skip not in c for c in changed)
+                skip_layers = sum(site.skip in c and site.branch not in c for c in changed)
                 dropped = _SiteProbe(module, graph, node, watched)
                 run(dropped)
                 checks.append(
                     SiteCheck(
                         module=name,
                         add=site.add.name,
-                        on_branch=node in site.branch_nodes,
+                        on_branch=branch_layers > skip_layers,
                         drops_to_skip=torch.equal(dropped.values[site.add], dropped.values[site.skip]),
                         skip_unchanged=torch.equal(dropped.values[site.skip], kept.values[site.skip]),
+                        branch_layers=branch_layers,
+                        skip_layers=skip_layers,
                     )
                 )
     return checks
