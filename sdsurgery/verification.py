@@ -5,9 +5,10 @@ under the same random seed; and at each site, the stochastic-depth node feeds a 
 branch, and forcing it to drop makes the addition return exactly its skip operand while the skip itself is
 unchanged. Which operand is the branch is decided here without the graph rules that placed the node
 (:func:`sdsurgery.residuals.classify_add`), so that a wrong rule is caught, not only a wrong rewrite: the
-block's parametrised layers (given random values first, so that no zero-initialised scale hides a path) are
-perturbed one at a time, and the branch must be the operand that more of them reach (an identity skip is
-reached by none of the block's own layers, a projection by fewer).
+branch must be the operand that more of the block's parametrised layers reach (an identity skip is reached
+by none of the block's own layers, a projection by fewer). What a layer reaches is read from the autograd
+graph of one run of the block with gradients recorded; a block that autograd cannot show (its run fails
+that way, or a value is not a float) has its layers perturbed one at a time instead, one run each.
 """
 
 from __future__ import annotations
@@ -125,10 +126,11 @@ def check_eval_outputs(expected: Any, retrofitted: nn.Module, example_inputs: Ex
 class SiteCheck:
     """The checks of one site: ``module`` is the stochastic-depth module, ``add`` the residual addition it feeds.
 
-    ``on_branch``: the op sits on the heavier operand of ``add``, found from values rather than from the graph
-    rules that placed it: perturbing the block's parametrised layers one at a time, ``branch_layers`` of them
-    change the op's operand and not the other, ``skip_layers`` the other and not the op's, and the op's side
-    must have more (a residual branch is the path with more layers; an identity skip has none).
+    ``on_branch``: the op sits on the heavier operand of ``add``, found from the computation rather than from
+    the graph rules that placed it: of the block's parametrised layers, ``branch_layers`` reach the op's
+    operand and not the other (the operand is computed from their parameters: autograd records it, or
+    perturbing them changes it), ``skip_layers`` the other and not the op's, and the op's side must have more
+    (a residual branch is the path with more layers; an identity skip has none).
     ``drops_to_skip``: forcing the op to drop makes ``add`` return exactly its other operand, and
     ``skip_unchanged``: that operand is what it is without the drop.
     """
@@ -361,10 +363,72 @@ def _layers(block: nn.Module) -> list[list[nn.Parameter]]:
     return layers
 
 
+def _reached_by_each_layer(
+    block: fx.GraphModule, graph: fx.Graph, run: Callable[[_SiteProbe], None], watched: set[fx.Node]
+) -> list[set[fx.Node]] | None:
+    """For each parametrised layer, the ``watched`` nodes that autograd records as computed from its
+    parameters, from one run of the block with gradients recorded and no backward.
+
+    Reachability in the autograd graph is structural: a zero-initialised scale still links its branch to the
+    layers before it, so no weight needs changing. ``None`` when this cannot be read: the block does not run
+    with gradients recorded, or a watched value is not a floating-point tensor (a gradient cannot reach it).
+    In-place ops need no special case: autograd records them, and each watched value is a copy taken when it
+    was produced. The block's ``requires_grad`` flags are restored afterwards.
+    """
+    layers = _layers(block)
+    parameters = [p for layer in layers for p in layer if p.is_floating_point() or p.is_complex()]
+    flags = [p.requires_grad for p in parameters]
+    probe = _SiteProbe(block, graph, None, watched)
+    try:
+        for p in parameters:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            run(probe)
+    except Exception:  # the block's own error, if it has one, comes from the perturbation check
+        return None
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+    if not all(
+        isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex()) for v in probe.values.values()
+    ):
+        return None
+    layers_of: dict[int, list[int]] = {}
+    for index, layer in enumerate(layers):
+        for p in layer:
+            layers_of.setdefault(id(p), []).append(index)
+    reached: list[set[fx.Node]] = [set() for _ in layers]
+    for node, value in probe.values.items():
+        for leaf in _leaves_reaching(value):
+            for index in layers_of.get(id(leaf), ()):
+                reached[index].add(node)
+    return reached
+
+
+def _leaves_reaching(value: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors that require grad and that ``value`` is computed from, by a walk of its autograd graph:
+    the inputs a backward from ``value`` gives a gradient (not ``None``), without computing one. A value that
+    does not require grad (an identity skip: the block's input) is reached by none."""
+    if value.grad_fn is None:
+        return [value] if value.requires_grad else []
+    leaves, seen, stack = [], set(), [value.grad_fn]
+    while stack:
+        function = stack.pop()
+        if function is None or function in seen:
+            continue
+        seen.add(function)
+        variable = getattr(function, "variable", None)  # an AccumulateGrad node: the leaf's gradient lands here
+        if isinstance(variable, torch.Tensor):
+            leaves.append(variable)
+        stack.extend(next_function for next_function, _ in function.next_functions)
+    return leaves
+
+
 def _changed_by_each_layer(
     block: fx.GraphModule, graph: fx.Graph, run: Callable[[_SiteProbe], None], watched: set[fx.Node]
 ) -> list[set[fx.Node]]:
-    """For each parametrised layer, the ``watched`` nodes whose value changes when its parameters change.
+    """For each parametrised layer, the ``watched`` nodes whose value changes when its parameters change: the
+    fallback of :func:`_reached_by_each_layer`, one run of the block per layer.
 
     Every layer is first given random parameters of its own scale, so that no value of the block's weights
     hides what a layer reaches (timm zero-initialises the last normalisation of each residual branch, which
@@ -446,7 +510,9 @@ def _check_sites(retrofitted: nn.Module, inputs: ExampleCall) -> list[SiteCheck]
         with torch.no_grad(), model_mode(block, False):
             kept = _SiteProbe(module, graph, None, watched)
             run(kept)
-            changed = _changed_by_each_layer(module, graph, run, watched)
+            changed = _reached_by_each_layer(module, graph, run, watched)
+            if changed is None:
+                changed = _changed_by_each_layer(module, graph, run, watched)
             for node, site in sites.items():
                 name = join_path(path, node.target)
                 if site is None:  # not followed by a residual addition: after the add, or off any residual

@@ -6,7 +6,7 @@ import timm
 import torch
 import torchvision
 
-from sdsurgery import apply_stochastic_depth, default_example_inputs, residuals, verify
+from sdsurgery import apply_stochastic_depth, default_example_inputs, residuals, verification, verify
 
 
 @pytest.fixture
@@ -42,20 +42,44 @@ def test_correct_retrofit_passes(models):
     assert all(check.on_branch for check in report.sites)
 
 
+# a BasicBlock's branch is conv1, bn1, conv2, bn2; an identity skip has no layer, a projection two
+RESNET18_LAYERS = {
+    "layer1.0": (4, 0),
+    "layer1.1": (4, 0),
+    "layer2.0": (4, 2),
+    "layer2.1": (4, 0),
+    "layer3.0": (4, 2),
+    "layer3.1": (4, 0),
+    "layer4.0": (4, 2),
+    "layer4.1": (4, 0),
+}
+
+
+def _layers_by_block(report):
+    return {c.module.removesuffix(".stochastic_depth"): (c.branch_layers, c.skip_layers) for c in report.sites}
+
+
 def test_each_site_is_shown_on_its_branch_by_the_layers_that_reach_it(models):
-    report = verify(*models)
-    layers = {c.module.removesuffix(".stochastic_depth"): (c.branch_layers, c.skip_layers) for c in report.sites}
-    # a BasicBlock's branch is conv1, bn1, conv2, bn2; an identity skip has no layer, a projection two
-    assert layers == {
-        "layer1.0": (4, 0),
-        "layer1.1": (4, 0),
-        "layer2.0": (4, 2),
-        "layer2.1": (4, 0),
-        "layer3.0": (4, 2),
-        "layer3.1": (4, 0),
-        "layer4.0": (4, 2),
-        "layer4.1": (4, 0),
-    }
+    assert _layers_by_block(verify(*models)) == RESNET18_LAYERS
+
+
+def test_a_zero_initialised_branch_is_still_reached_by_its_layers():
+    """timm zero-initialises each branch's last norm: the branch is then a constant of its first layers, yet it
+    is computed from them, and autograd's graph records that."""
+    torch.manual_seed(0)
+    original = timm.create_model("resnet18", zero_init_last=True)
+    assert all(not block.bn2.weight.any() for stage in (original.layer1, original.layer4) for block in stage)
+    retrofitted = apply_stochastic_depth(original, 0.2, verify=False)
+    report = verify(original, retrofitted, torch.randn(2, 3, 64, 64))
+    assert report.ok and _layers_by_block(report) == RESNET18_LAYERS
+
+
+def test_the_perturbation_fallback_finds_the_same_layers(models, monkeypatch):
+    """A block whose layers autograd cannot show (its run fails with gradients recorded, or a value is not a
+    float) is perturbed one layer at a time instead, with the same result."""
+    monkeypatch.setattr(verification, "_reached_by_each_layer", lambda *args: None)
+    report = verify(*models, torch.randn(2, 3, 64, 64))  # a small input: one run per layer
+    assert report.ok and _layers_by_block(report) == RESNET18_LAYERS
 
 
 def test_a_wrong_rule_is_caught_not_only_a_wrong_rewrite(monkeypatch):
