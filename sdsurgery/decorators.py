@@ -30,14 +30,14 @@ def rewrap(decorated: Callable[..., Any], inner: Callable[..., Any]) -> Callable
         return inner
     new_wrapped = rewrap(wrapped, inner)
     closure = decorated.__closure__ or ()
-    if not any(_contents(cell) is wrapped for cell in closure):
+    if not any(cell_contents(cell) is wrapped for cell in closure):
         raise ValueError(
             f"cannot re-apply the decorator {decorated.__qualname__}: it does not hold the function it wraps"
         )
     cells = []
     self_cells = []
     for cell in closure:
-        contents = _contents(cell)
+        contents = cell_contents(cell)
         if contents is wrapped:
             cells.append(types.CellType(new_wrapped))
         elif contents is decorated:
@@ -58,7 +58,8 @@ def rewrap(decorated: Callable[..., Any], inner: Callable[..., Any]) -> Callable
     return copy
 
 
-def _contents(cell: types.CellType) -> Any:
+def cell_contents(cell: types.CellType) -> Any:
+    """What a closure cell holds (``None`` for an empty cell)."""
     try:
         return cell.cell_contents
     except ValueError:  # an empty cell

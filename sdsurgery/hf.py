@@ -4,7 +4,8 @@ A model directory is what ``save_pretrained`` writes: ``config.json`` and the we
 builds the model it holds (nothing is downloaded) and retrofits it on example inputs made from its config:
 the model's ``main_input_name`` (``input_ids`` — a short token sequence —, ``pixel_values`` at the
 config's image size, ``input_values``, ``input_features``), plus ``decoder_input_ids`` for an
-encoder-decoder. Everything here needs ``transformers`` (``pip install 'sdsurgery[hf]'``).
+encoder-decoder and token boxes for a layout model (``bbox``). Everything here needs ``transformers``
+(``pip install 'sdsurgery[hf]'``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,8 @@ def example_inputs(model: nn.Module, batch_size: int = 2, sequence_length: int =
         raise HFModelError(f"{type(model).__name__}'s main input '{name}' has no example made from its config")
     if getattr(config, "is_encoder_decoder", False) and "decoder_input_ids" in parameters:
         inputs["decoder_input_ids"] = _token_ids(config, batch_size, sequence_length, generator)
+    if "input_ids" in inputs and "bbox" in parameters:  # a layout model: a box per token (x0, y0, x1, y1)
+        inputs["bbox"] = _boxes(batch_size, sequence_length, generator)
     device = next(model.parameters(), torch.empty(0)).device
     return {k: v.to(device) for k, v in inputs.items()}
 
@@ -126,6 +129,13 @@ def example_inputs(model: nn.Module, batch_size: int = 2, sequence_length: int =
 def _token_ids(config: Any, batch_size: int, sequence_length: int, generator: torch.Generator) -> torch.Tensor:
     vocab = _setting(config, "vocab_size") or 100
     return torch.randint(0, min(int(vocab), 1000), (batch_size, sequence_length), generator=generator)
+
+
+def _boxes(batch_size: int, sequence_length: int, generator: torch.Generator) -> torch.Tensor:
+    """Token boxes on the 0-1000 grid layout models use, each with its corners in order."""
+    # [..., axis (x, y), (low, high)] -> (x0, y0, x1, y1)
+    spans = torch.randint(0, 1000, (batch_size, sequence_length, 2, 2), generator=generator).sort(dim=-1).values
+    return spans.transpose(-1, -2).reshape(batch_size, sequence_length, 4)
 
 
 def _pairs_text_with_images(config: Any, parameters: Mapping[str, Any]) -> bool:

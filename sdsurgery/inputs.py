@@ -131,8 +131,20 @@ def model_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
                 module.train(was_training)
 
 
-def eval_outputs(model: nn.Module, example_inputs: ExampleInputs | ExampleCall) -> Any:
-    """``model``'s eval-mode output on ``example_inputs`` (no grad); the model's modes are restored."""
+@contextmanager
+def seeded_rng(model: nn.Module, seed: int) -> Iterator[None]:
+    """Run under a fork of the random number generators of the CPU and of the model's GPUs, seeded with
+    ``seed``: two runs draw the same numbers, and the caller's generators are left as they were."""
+    devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def eval_outputs(model: nn.Module, example_inputs: ExampleInputs | ExampleCall, seed: int = 0) -> Any:
+    """``model``'s eval-mode output on ``example_inputs`` (no grad), with the random generators seeded with
+    ``seed`` (:func:`seeded_rng`: a model that samples in eval, such as random patch masking, draws the same
+    numbers on each call); the model's modes are restored."""
     call = as_call(example_inputs)
-    with torch.no_grad(), model_mode(model, False):
+    with torch.no_grad(), model_mode(model, False), seeded_rng(model, seed):
         return call(model)

@@ -40,7 +40,7 @@ from .residuals import (
     existing_stochastic_depth,
     input_dependent_nodes,
 )
-from .tracing import ShapeExamples, TraceOptions, new_fake_mode, owner_path, to_fake, trace
+from .tracing import ShapeExamples, Trace, TraceOptions, new_fake_mode, owner_path, to_fake, trace
 
 
 @dataclass(frozen=True)
@@ -458,14 +458,7 @@ def retrofit_block(
     ``TraceError`` when the block does not trace on its own and ``SurgeryError`` when its train and eval
     traces disagree on its additions.
     """
-    was_training = block.training
-    traces = []
-    try:
-        for training in (True, False):
-            block.train(training)
-            traces.append(trace(block, options, path=path, extra_leaves=leaves, concrete_args=concrete_args))
-    finally:
-        block.train(was_training)
+    traces, options = _trace_both_modes(block, options, path, leaves, concrete_args)
     train_graph, eval_graph = (t.graph for t in traces)
     if len(own_adds(train_graph)) != len(own_adds(eval_graph)):
         raise SurgeryError(f"block '{path}' adds differently in train and eval mode; exclude it with exclude=[...]")
@@ -482,16 +475,50 @@ def retrofit_block(
         if target == new_name:
             new_name = next(free_names, None)
         targets.append(target)
-    for graph in (train_graph, eval_graph) if dual else (train_graph,):
-        graph.lint()
-
-    for edit, target in zip(edits, targets):
+        # Installed at once: a later edit's branch may lead back to it, and the graph names it.
         parent, _, name = target.rpartition(".")
         module = StochasticDepth(edit.drop_rate, mode, edit.depth).train(block.training)
         block.get_submodule(parent).add_module(name, module)
+    for graph in (train_graph, eval_graph) if dual else (train_graph,):
+        graph.lint()
     constants = {**traces[0].constants, **(traces[1].constants if dual else {})}
     retrace = _retrace(block, edits, targets, residuals, adds, options, path, concrete_args)
     return RetrofittedBlock(block, train_graph, eval_graph if dual else None, constants=constants, retrace=retrace)
+
+
+def _trace_both_modes(
+    block: nn.Module,
+    options: TraceOptions,
+    path: str,
+    leaves: Iterable[nn.Module],
+    concrete_args: dict[str, Any] | None,
+) -> tuple[list[Trace], TraceOptions]:
+    """The block's train and eval traces, and the options that made them. Code that only runs in one mode
+    (training) may not trace where the plan's trace, in eval mode, did: such code is traced with the example's
+    shapes, and a submodule whose code still does not trace is kept as one call (its additions, if any, are
+    its own, not the block's: the block's own additions keep their order). ``TraceError`` when the block's
+    own code does not trace."""
+    leaves = list(leaves)
+    was_training = block.training
+    try:
+        while True:
+            try:
+                traces = []
+                for training in (True, False):
+                    block.train(training)
+                    traces.append(trace(block, options, path=path, extra_leaves=leaves, concrete_args=concrete_args))
+                return traces, options
+            except TraceError as error:
+                inside = not path or error.module_path.startswith(path + ".")
+                inner = error.module_path[len(path) + 1 :] if path else error.module_path
+                if not options.concrete_shapes and options.examples is not None:
+                    options = replace(options, concrete_shapes=True)
+                elif inside and inner and inner not in options.leaf_paths:
+                    options = options.with_leaf_paths([inner])
+                else:
+                    raise
+    finally:
+        block.train(was_training)
 
 
 def _retrace(

@@ -4,6 +4,7 @@ block that owns one and checks eval outputs; :func:`apply_stochastic_depth` is t
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -11,8 +12,9 @@ from typing import Any
 from torch import nn
 
 from .choices import SKIPPING_MODES, Mode, check_mode
+from .errors import TraceError
 from .inputs import ExampleInputs, eval_outputs, example_call
-from .plan import ModuleFilter, SurgeryPlan, no_sites_error, plan_stochastic_depth, warn_untraced
+from .plan import ModuleFilter, SurgeryPlan, describe_untraced, no_sites_error, plan_stochastic_depth, warn_untraced
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
 from .skipping import skip_dropped_branches
@@ -113,31 +115,48 @@ def _has_submodule(model: nn.Module, path: str) -> bool:
 
 
 def _rewrite_blocks(model: nn.Module, plan: SurgeryPlan, mode: Mode) -> nn.Module:
-    """Replace each block of ``plan`` in ``model`` by its retrofitted copy; return the (possibly new) root."""
+    """Replace each block of ``plan`` in ``model`` by its retrofitted copy; return the (possibly new) root.
+
+    A block that does not trace on its own in both modes (code that only runs in training and depends on the
+    data, ``if not torch.isfinite(x).all()``) is left as it is, without stochastic depth, and a warning names
+    it and why; ``TraceError`` when that leaves no block retrofitted."""
     edits: dict[str, list[BlockEdit]] = defaultdict(list)
     for site in plan.sites:
         edits[site.block_path].append(BlockEdit(site.ordinal, site.branch_operand, site.drop_rate, site.depth))
     done: list[RetrofittedBlock] = []
+    failed: dict[str, TraceError] = {}
     for path in plan.block_paths:
         call = plan.module_calls.get(path)
         original = model.get_submodule(path)
         # A shared module is registered under several names (CoaT's position encodings): replace it everywhere.
         aliases = [name for name, m in model.named_modules(remove_duplicate=False) if m is original and name]
-        block = retrofit_block(
-            original,
-            edits[path],
-            mode=mode,
-            options=plan.trace_options.relative_to(path),
-            path=path,
-            concrete_args=call.concrete_args() if call is not None else None,
-            leaves=done,
-        )
+        try:
+            block = retrofit_block(
+                original,
+                edits[path],
+                mode=mode,
+                options=plan.trace_options.relative_to(path),
+                path=path,
+                concrete_args=call.concrete_args() if call is not None else None,
+                leaves=done,
+            )
+        except TraceError as error:
+            failed[path] = error
+            continue
         done.append(block)
         if path:
             for alias in aliases:
                 model.set_submodule(alias, block)
         else:
             model = block
+    if failed and not done:
+        raise next(iter(failed.values()))
+    if failed:
+        warnings.warn(
+            "sdsurgery left these blocks without stochastic depth because they do not trace on their own: "
+            + describe_untraced({path: error.reason for path, error in failed.items()}),
+            stacklevel=2,
+        )
     if mode in SKIPPING_MODES:  # batch/subset: move each branch out of the train graph so drops skip its work
         skip_dropped_branches(model, mode)
     return model

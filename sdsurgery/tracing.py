@@ -15,6 +15,7 @@ something else. Shapes that only flow into tensor operations stay symbolic; data
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import operator
 import os
@@ -29,6 +30,7 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from .decorators import cell_contents
 from .errors import TraceError
 from .inputs import bind_arguments
 from .ops import is_stochastic_depth_op, known_stochastic_depth_functions, stochastic_depth_functions_in
@@ -203,6 +205,11 @@ def _var_keyword_name(fn: Callable[..., Any]) -> str | None:
     return next((p.name for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
 
+def _is_object(value: Any) -> bool:
+    """Whether ``value`` is an object other than a tensor, a plain value or a container (a key-value cache)."""
+    return not isinstance(value, (torch.Tensor, fx.Proxy, tuple, list, dict)) and not _is_plain(value)
+
+
 def _is_traced(value: Any) -> bool:
     # Tensors stand for traced values too: a call captured by running the model holds tensors, and a
     # tensor must never be baked into a graph as a constant.
@@ -230,6 +237,46 @@ class ValueProxy(fx.Proxy):
 
 class _ValueAttribute(fx.proxy.Attribute, ValueProxy):
     pass
+
+
+class ObjectProxy(ValueProxy):
+    """A traced input that stands for an object, not a tensor (a key-value cache). ``isinstance`` sees the
+    class of the object the example call passed, so code choosing what to do by the object's type
+    (``isinstance(cache, EncoderDecoderCache)``) takes the example's path, guarded in the graph by
+    :func:`check_argument_type`; a plain proxy would fail every such check and silently take another path."""
+
+    def __init__(self, node: fx.Node, tracer: SurgeryTracer, cls: type) -> None:
+        super().__init__(node, tracer)
+        self.example_class = cls
+        self.type_guarded = False
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # Code storing into the object (a layer sharing its keys and values with later layers) does so in the
+        # graph too.
+        self.tracer.create_proxy("call_function", operator.setitem, (self, key, value), {})
+
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # read by isinstance() when the proxy's own type does not match
+        if not self.type_guarded:
+            self.type_guarded = True
+            name = class_name(self.example_class)  # a graph's arguments cannot be classes
+            self.tracer.create_proxy("call_function", check_argument_type, (self, name), {})
+        return self.example_class
+
+
+def class_name(cls: type) -> str:
+    """``module.QualifiedName`` of a class."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def check_argument_type(value: Any, name: str) -> None:
+    """Raise ``TypeError`` unless ``value``'s class is the one named ``name`` (:func:`class_name`): a graph
+    traced for an argument of that class took the paths its code takes for it."""
+    if class_name(type(value)) != name:
+        raise TypeError(
+            f"this retrofitted block was traced for an argument of type {name.rpartition('.')[2]}, got "
+            f"{type(value).__name__}; retrofit it with example inputs that call it this way"
+        )
 
 
 class SurgeryTracer(fx.Tracer):
@@ -262,7 +309,16 @@ class SurgeryTracer(fx.Tracer):
         self.specialised: dict[str, str] = {}
         self.fake_mode = options.examples.fake_mode if options.examples is not None else None
         self.example_values = example_values if options.concrete_shapes and self.fake_mode is not None else None
+        self.argument_examples = example_values or {}  # the root's arguments in the example call, always
         self.computing = False  # fx patches module calls and attributes while it traces; see call_module
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with (
+            _calls_recorded(self, RANDOM_FACTORIES, traced_only=False),
+            _calls_recorded(self, SIZED_FACTORIES, traced_only=True),
+            _type_info_specialised(self),
+        ):
+            return super().trace(root, concrete_args)
 
     def create_args_for_root(self, root_fn: Callable[..., Any], is_module: bool, concrete_args: Any = None) -> Any:
         # A decorated forward (``functools.wraps``: transformers' ``deprecate_kwarg``, ``can_return_tuple``,
@@ -337,7 +393,19 @@ class SurgeryTracer(fx.Tracer):
     # Example values.
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
+        if node.op == "placeholder":
+            example = self.argument_examples.get(node.target.lstrip("*"))
+            if example is not None and _is_object(example):
+                return ObjectProxy(node, self, type(example))
         return ValueProxy(node, self)
+
+    def create_arg(self, a: Any) -> Any:
+        # fx turns every dict into a plain dict: a ``ModelOutput`` (a dataclass that is a dict) a traced
+        # forward returns must come back as itself, since callers read its attributes.
+        if isinstance(a, dict) and dataclasses.is_dataclass(a) and not isinstance(a, fx.Proxy):
+            fields = {f.name: self.create_arg(getattr(a, f.name)) for f in dataclasses.fields(a)}
+            return self.create_node("call_function", type(a), (), fields)
+        return super().create_arg(a)
 
     def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None, proxy_factory_fn=None):
         proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr, proxy_factory_fn)
@@ -439,6 +507,70 @@ class SurgeryTracer(fx.Tracer):
         return (obj[i] for i in range(length))
 
 
+RANDOM_FACTORIES = ("rand", "randn", "randint", "randperm", "normal")
+"""torch functions that draw new random numbers. Called with sizes only (``torch.rand([])``, no traced value
+among the arguments) fx would run them once while tracing and bake the numbers they drew into the graph:
+layer drop (``if self.training and torch.rand([]) < p``) would skip the same layers at every step."""
+
+
+SIZED_FACTORIES = ("ones", "zeros", "empty", "full")
+"""torch functions making a tensor of a given size. torch's argument parser rejects traced sizes passed one by
+one (``torch.ones(batch, length)`` with sizes read from a traced shape: "ones() takes 1 positional argument
+but 2 were given"), so such calls are recorded as nodes; calls with plain sizes run as they are."""
+
+
+@contextmanager
+def _torch_functions_wrapped(
+    names: Iterable[str], wrap: Callable[[Callable[..., Any]], Callable[..., Any]]
+) -> Iterator[None]:
+    """Replace ``torch.<name>`` by ``wrap(torch.<name>)`` for each of ``names`` until the block ends."""
+    originals = {name: getattr(torch, name) for name in names}
+    for name, function in originals.items():
+        setattr(torch, name, wrap(function))
+    try:
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(torch, name, function)
+
+
+def _calls_recorded(tracer: SurgeryTracer, names: Iterable[str], *, traced_only: bool) -> Any:
+    """While tracing, record the calls of the torch functions ``names`` as nodes of the graph: every call, or
+    with ``traced_only`` the calls that have a traced value among their arguments (the others run)."""
+
+    def recorded(function: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if tracer.computing or (
+                traced_only and not any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves((args, kwargs)))
+            ):
+                return function(*args, **kwargs)
+            return tracer.create_proxy("call_function", function, args, kwargs)
+
+        return call
+
+    return _torch_functions_wrapped(names, recorded)
+
+
+def _type_info_specialised(tracer: SurgeryTracer) -> Any:
+    """Let ``torch.finfo(x.dtype)`` / ``torch.iinfo`` of a traced value use the example's dtype, guarded (as
+    shapes are, see :meth:`SurgeryTracer.concretise`): mask code reads ``torch.finfo(x.dtype).min``."""
+
+    def specialised(info: Any) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            if args and isinstance(args[0], fx.Proxy) and not tracer.computing:
+                args = (tracer.concretise(args[0], dtype), *args[1:])
+            return info(*args)
+
+        return call
+
+    return _torch_functions_wrapped(("finfo", "iinfo"), specialised)
+
+
+def dtype(value: torch.dtype) -> torch.dtype:
+    """The dtype a traced value had in the example (named so in guard messages)."""
+    return value
+
+
 def _user_location() -> str:
     """``file:line`` of the innermost frame outside torch and sdsurgery: the model code being traced."""
     here = os.path.dirname(__file__)
@@ -502,6 +634,7 @@ def trace(
     # the pass sees them on the branch and re-rates them instead of tracing their random ops.
     tracer = SurgeryTracer(options, extra_leaves, examples, stochastic_depth_functions_in(module))
     attributes_before = dict(vars(module))
+    containers_before = _container_copies(module)
     try:
         with warnings.catch_warnings(), left_unchanged(module, buffers=tracer.example_values is not None):
             warnings.simplefilter("ignore")  # fx warns for every specialised argument it cannot assert on
@@ -518,7 +651,11 @@ def trace(
         for name, value in attributes_before.items():
             if vars(module).get(name) is not value:
                 vars(module)[name] = value
+        # ... and code that reassigns one of its buffers (``self.table = self.table.to(x.device)``) a proxy
+        # in its ``_buffers``.
+        _restore_containers(attributes_before, containers_before)
     _restore_specialised_names(graph, concrete_args or {})
+    _drop_flattened_defaults(graph)
     return Trace(graph, tracer.module_calls, constants, tracer.specialised)
 
 
@@ -528,23 +665,55 @@ def left_unchanged(root: nn.Module, *, buffers: bool) -> Iterator[None]:
     cache such as ``self.rel_indices = ...`` or ``self.bias_cache[key] = ...`` would otherwise keep a proxy)
     and, with ``buffers``, buffer contents that modules run on example values update in place."""
     modules = [m for _, m in root.named_modules(remove_duplicate=True) if m is not root]
-    saved = [(m, dict(vars(m)), {k: _shallow(v) for k, v in vars(m).items()}) for m in modules]
+    saved = [(m, dict(vars(m)), _container_copies(m)) for m in modules]
     contents = [(b, b.detach().clone()) for b in root.buffers()] if buffers else []
     try:
         yield
     finally:
+        # Results cached by the methods themselves were computed on proxies or fake tensors.
+        for cache in method_caches(root):
+            cache.cache_clear()
         for m, attributes, containers in saved:
             m.__dict__.clear()
             m.__dict__.update(attributes)
-            for name, copy in containers.items():
-                if copy is not None:
-                    original = attributes[name]
-                    original.clear()
-                    original.update(copy) if isinstance(original, (dict, set)) else original.extend(copy)
+            _restore_containers(attributes, containers)
         with torch.no_grad():
             for buffer, value in contents:
                 if not torch.equal(buffer, value):
                     buffer.copy_(value)
+
+
+def method_caches(root: nn.Module) -> list[Any]:
+    """The ``functools`` caches of the methods of ``root``'s module classes (transformers caches position
+    embeddings by shape with ``lru_cache`` on ``forward``), found on the methods and their wrappers."""
+    caches: dict[int, Any] = {}
+    for cls in {type(m) for m in root.modules()}:
+        for base in cls.__mro__:
+            if base in (nn.Module, object):
+                break
+            for method in vars(base).values():
+                seen: set[int] = set()
+                while callable(method) and id(method) not in seen:  # down the chain of wrappers
+                    seen.add(id(method))
+                    for value in (method, *map(cell_contents, getattr(method, "__closure__", None) or ())):
+                        if callable(getattr(value, "cache_clear", None)):
+                            caches[id(value)] = value
+                    method = getattr(method, "__wrapped__", None)
+    return list(caches.values())
+
+
+def _container_copies(module: nn.Module) -> dict[str, Any]:
+    """Shallow copies of a module's plain container attributes (see :func:`_shallow`), by name."""
+    return {name: _shallow(value) for name, value in vars(module).items()}
+
+
+def _restore_containers(attributes: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
+    """Put back the contents of each container attribute from its copy (:func:`_container_copies`)."""
+    for name, saved in copies.items():
+        if saved is not None:
+            original = attributes[name]
+            original.clear()
+            original.update(saved) if isinstance(original, (dict, set)) else original.extend(saved)
 
 
 def _shallow(value: Any) -> Any:
@@ -558,6 +727,15 @@ def _restore_specialised_names(graph: fx.Graph, concrete_args: dict[str, Any]) -
         name, _, count = node.target.rpartition("_")
         if count == "1" and name in concrete_args and not isinstance(concrete_args[name], (tuple, list, dict)):
             node.target = name
+
+
+def _drop_flattened_defaults(graph: fx.Graph) -> None:
+    # A graph with a structured (flattened) input unpacks its placeholders in one generated line that fx
+    # writes with their defaults ("x, flag = False, = ..."), which is no Python; its forward's signature has
+    # no defaults anyway (it is the traced function's parameter names), so the defaults are dropped.
+    if getattr(graph._codegen, "pytree_info", None) is not None:
+        for node in graph.find_nodes(op="placeholder"):
+            node.args = ()
 
 
 def owner_path(node: fx.Node) -> str | None:

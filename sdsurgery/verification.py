@@ -1,6 +1,7 @@
 """Proving that a retrofitted model is the original network with stochastic depth on its residual branches.
 
-Three checks: eval-mode outputs are equal; with every drop rate forced to 0, train-mode outputs are equal
+Three checks: eval-mode outputs are equal under the same random seed (a model may sample in eval, such as
+random patch masking); with every drop rate forced to 0, train-mode outputs are equal
 under the same random seed; and at each site, the stochastic-depth node feeds a residual addition on its
 branch, and forcing it to drop makes the addition return exactly its skip operand while the skip itself is
 unchanged. Which operand is the branch is decided here without the graph rules that placed the node
@@ -25,7 +26,7 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import VerificationError, first_line
-from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode
+from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode, seeded_rng
 from .ops import StochasticDepth, is_stochastic_depth_op, set_drop_rate_of, stochastic_depth_functions_off
 from .residuals import add_operands
 from .rewrite import RetrofittedBlock
@@ -216,8 +217,8 @@ def verify(
         if example_inputs is None:
             raise ValueError(f"verify needs example_inputs: the input size of {type(original).__name__} is not known")
     call = as_call(example_inputs)
-    expected = eval_outputs(original, call)
-    actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, call))
+    expected = eval_outputs(original, call, seed)
+    actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, call, seed))
     difference = compare_outputs(expected, actual)
     train_diff, train_skipped = _train_diff_at_rate_zero(original, retrofitted, call, seed)
     return VerificationReport(
@@ -247,8 +248,7 @@ def _train_outputs(model: nn.Module, call: ExampleCall, seed: int, *, copied: bo
     for module in model.modules():
         if is_stochastic_depth_op(module):
             set_drop_rate_of(module, 0.0)
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), stochastic_depth_functions_off(model):
-        torch.manual_seed(seed)
+    with seeded_rng(model, seed), torch.no_grad(), stochastic_depth_functions_off(model):
         return call(model.train())
 
 

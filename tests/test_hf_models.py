@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch import fx
 
 transformers = pytest.importorskip("transformers")
 
@@ -17,6 +18,7 @@ from sdsurgery import (  # noqa: E402
     find_residual_sites,
     verify,
 )
+from sdsurgery.tracing import TraceOptions, trace  # noqa: E402
 
 P_MAX = 0.2
 LAYERS = 3
@@ -268,3 +270,121 @@ def test_native_drop_path_is_re_rated_not_stacked():
     added = [[n for n, m in block.named_children() if isinstance(m, StochasticDepth)] for block in blocks]
     assert added == [["stochastic_depth", "stochastic_depth_1"], *[["drop_path", "stochastic_depth"]] * 2]
     assert verify(model, result, _pixels()).ok
+
+
+class _EncoderReturningModelOutput(torch.nn.Module):
+    """The shape of a Hugging Face encoder: residual layers, then a ModelOutput."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(2))
+
+    def forward(self, hidden_states):
+        for layer in self.layers:
+            hidden_states = hidden_states + layer(hidden_states)
+        return transformers.modeling_outputs.BaseModelOutput(last_hidden_state=hidden_states)
+
+
+def test_a_traced_forward_returns_the_model_output_of_the_original():
+    # fx turns dicts into plain dicts; a ModelOutput a traced block returns must stay one, since callers read
+    # its attributes (`encoder_outputs.last_hidden_state`).
+    encoder, hidden = _EncoderReturningModelOutput(), torch.randn(2, 5, 32)
+    module = fx.GraphModule(encoder, trace(encoder, TraceOptions()).graph)
+    expected, actual = encoder(hidden), module(hidden)
+    assert type(actual) is type(expected) is transformers.modeling_outputs.BaseModelOutput
+    assert torch.equal(actual.last_hidden_state, expected.last_hidden_state)
+    result = apply_stochastic_depth(encoder, P_MAX, example_inputs=hidden)
+    assert type(result.train()(hidden)) is transformers.modeling_outputs.BaseModelOutput  # training runs the graph
+
+
+def test_blocks_given_a_cache_object_trace_the_path_its_class_takes():
+    # ProphetNet's attention reads `past_key_values.self_attention_cache` when it is an EncoderDecoderCache
+    # (isinstance): a trace that failed that check would call `update` on the wrong cache in training.
+    config = transformers.ProphetNetConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        encoder_ffn_dim=37,
+        decoder_ffn_dim=37,
+        num_encoder_layers=1,
+        num_decoder_layers=1,
+        num_encoder_attention_heads=2,
+        num_decoder_attention_heads=2,
+        ngram=2,
+        num_buckets=8,
+        relative_max_distance=16,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.ProphetNetModel(config).eval()
+    inputs = {"input_ids": _tokens()["input_ids"], "decoder_input_ids": _tokens(seed=1)["input_ids"]}
+    result = apply_stochastic_depth(model, P_MAX, example_inputs=inputs)
+    assert isinstance(result.decoder.layers[0], RetrofittedBlock)
+    report = verify(model, result, inputs)
+    assert report.ok and report.train_max_abs_diff == 0.0
+    result.train()(**inputs).last_hidden_state.sum().backward()
+
+
+def test_a_model_that_samples_in_eval_is_verified_under_one_seed():
+    # ViTMAE masks a random subset of patches in eval mode too.
+    config = transformers.ViTMAEConfig(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        mask_ratio=0.5,
+    )
+    torch.manual_seed(0)
+    model = transformers.ViTMAEModel(config).eval()
+    with torch.no_grad():
+        first, second = (model(**_pixels()).last_hidden_state for _ in range(2))
+    assert not torch.equal(first, second)  # the original itself differs from call to call
+    result = apply_stochastic_depth(model, P_MAX, example_inputs=_pixels())
+    report = verify(model, result, _pixels())
+    assert report.ok and report.eval_max_abs_diff == 0.0
+
+
+def test_a_layer_taking_a_structured_argument_with_defaults_is_retrofitted():
+    # Swinv2's layers take `input_dimensions` (a tuple, flattened by the trace) beside a defaulted flag.
+    config = transformers.Swinv2Config(
+        image_size=32,
+        patch_size=4,
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        window_size=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.Swinv2Model(config).eval()
+    result = apply_stochastic_depth(model, P_MAX, example_inputs=_pixels())
+    report = verify(model, result, _pixels())
+    assert report.ok and len(report.sites) == 4  # both residuals of both layers
+
+
+def test_a_model_whose_own_forward_returns_a_cache_is_retrofitted_layer_by_layer():
+    # CTRL's forward creates a DynamicCache and returns it in its output: no graph can hold it, so the model's
+    # own forward stays as it is and its layers are traced (and retrofitted) on their own.
+    config = transformers.CTRLConfig(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=2, dff=37, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.CTRLModel(config).eval()
+    with pytest.warns(UserWarning, match=r"kept these modules as they are .*<model forward> \(argument of type"):
+        result = apply_stochastic_depth(model, P_MAX, example_inputs=_tokens())
+    assert [isinstance(layer, RetrofittedBlock) for layer in result.h] == [True, True]
+    assert sum(isinstance(m, StochasticDepth) for m in result.modules()) == 4
+    assert verify(model, result, _tokens()).ok
+
+
+def test_example_inputs_of_a_layout_model_hold_a_box_per_token():
+    from sdsurgery.hf import example_inputs
+
+    config = transformers.LayoutLMConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    model = transformers.LayoutLMModel(config).eval()
+    inputs = example_inputs(model)
+    boxes = inputs["bbox"]
+    assert boxes.shape == (2, 8, 4) and bool((boxes[..., :2] <= boxes[..., 2:]).all())
+    assert "bbox" not in example_inputs(_build("bert"))
+    result = apply_stochastic_depth(model, P_MAX)  # inputs made from the config, the boxes with them
+    assert verify(model, result, inputs).ok

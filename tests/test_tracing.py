@@ -1,6 +1,7 @@
 """Tracing that copes: concrete shapes where code reads them, timm's leaves only where needed, and a model
 whose own forward does not trace retrofitted part by part with one depth numbering."""
 
+import functools
 import math
 import warnings
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from sdsurgery import (
+    RetrofittedBlock,
     StochasticDepth,
     TraceError,
     apply_stochastic_depth,
@@ -343,3 +345,144 @@ def test_shared_module_called_inside_blocks_gets_its_stochastic_depth_in_every_c
         "blocks.1.stochastic_depth",
         "encoding.stochastic_depth",
     ]
+
+
+class ReassignsItsBuffer(nn.Module):
+    """A model whose own forward moves a buffer (``self.table = self.table.to(x.dtype)``) and then does not
+    trace (data-dependent control flow): its blocks are traced separately."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.ones(8))
+        self.blocks = nn.Sequential(Residual(), Residual())
+
+    def forward(self, x):
+        self.table = self.table.to(x.dtype)
+        x = x * self.table
+        return self.blocks(x if x.sum() > 0 else -x)
+
+
+def test_a_failed_trace_of_the_model_leaves_its_buffers_as_they_were():
+    model = ReassignsItsBuffer()
+    table = model.table
+    plan = plan_stochastic_depth(model, 0.2, example_inputs=X)
+    assert model.table is table  # not a proxy of the failed trace
+    assert list(plan.untraced) == [""] and [s.block_path for s in plan.sites] == ["blocks.0", "blocks.1"]
+    assert verify(model, _quiet_apply(model, 0.2, example_inputs=X), X).ok
+
+
+class ClampsToItsDtype(nn.Module):
+    """A residual block reading the range of its input's dtype in Python (attention-mask code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        limit = torch.finfo(x.dtype).max / 2
+        return x + self.f(x).clamp(-limit, limit)
+
+
+def test_dtype_ranges_trace_with_the_example_dtype_guarded():
+    model = nn.Sequential(ClampsToItsDtype(), ClampsToItsDtype())
+    retrofitted = apply_stochastic_depth(model, 0.2, example_inputs=X)
+    assert isinstance(retrofitted[0], RetrofittedBlock) and verify(model, retrofitted, X).ok
+    with pytest.raises(AssertionError, match=r"specialised this block .* \(.*: dtype was torch.float32\)"):
+        retrofitted.double().train()(X.double())
+
+
+class MasksWithOnes(nn.Module):
+    """A residual block making a tensor of the input's sizes, read one by one from its shape (mask code does)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x):
+        batch, length, _ = x.shape
+        mask = torch.ones(batch, length, 1, device=x.device)
+        return x + self.f(x) * mask
+
+
+def test_a_tensor_sized_from_the_input_shape_traces_and_follows_other_sizes():
+    model = nn.Sequential(MasksWithOnes(), MasksWithOnes())
+    retrofitted = apply_stochastic_depth(model, 0.0, example_inputs=TOKENS)  # rate 0: training runs the graphs as is
+    assert [isinstance(m, RetrofittedBlock) for m in retrofitted] == [True, True]
+    other = torch.randn(3, 7, 8)  # the graphs read the sizes, they did not keep the example's
+    with torch.no_grad():
+        assert torch.equal(retrofitted.train()(other), model.train()(other))
+
+
+class Shelf:
+    """An object layers leave values on for later layers (Gemma 4 shares keys and values between layers)."""
+
+    def __init__(self):
+        self.items = {}
+
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def __getitem__(self, key):
+        return self.items[key]
+
+
+class SharesThroughAShelf(nn.Module):
+    def __init__(self, writes: bool):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+        self.writes = writes
+
+    def forward(self, x, shelf):
+        if self.writes:
+            shelf["kv"] = self.f(x)
+        return x + shelf["kv"] * self.f(x)
+
+
+class SharingLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([SharesThroughAShelf(True), SharesThroughAShelf(False)])
+
+    def forward(self, x):
+        shelf = Shelf()
+        for layer in self.layers:
+            x = layer(x, shelf)
+        return x, shelf  # an object no graph holds: the model's own forward is kept, its layers are traced
+
+
+def test_a_layer_storing_into_an_object_argument_stores_in_training_too():
+    model = SharingLayers()
+    with pytest.warns(UserWarning, match="kept these modules as they are"):
+        retrofitted = apply_stochastic_depth(model, 0.0, example_inputs=X)
+    assert [isinstance(m, RetrofittedBlock) for m in retrofitted.layers] == [True, True]
+    with torch.no_grad():
+        expected, actual = model.train()(X), retrofitted.train()(X)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1]["kv"], expected[1]["kv"])
+
+
+class CachedPositions(nn.Module):
+    """Position values cached by length (transformers caches position embeddings with ``lru_cache``)."""
+
+    @functools.lru_cache(maxsize=1)  # noqa: B019 - the pattern under test
+    def forward(self, length):
+        return torch.arange(length, dtype=torch.float32)
+
+
+class WithCachedPositions(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+        self.positions = CachedPositions()
+
+    def forward(self, x):
+        return x + self.f(x) * self.positions(x.shape[1])[None, :, None]
+
+
+def test_planning_leaves_no_value_of_its_runs_in_a_method_cache():
+    # Running the model on fake tensors (to learn how its blocks are called) fills the cache with a fake tensor;
+    # the model would return it from then on.
+    model = WithCachedPositions()
+    plan_stochastic_depth(model, 0.2, example_inputs=TOKENS)
+    output = model(TOKENS)
+    assert type(output) is torch.Tensor
+    assert torch.equal(output, TOKENS + model.f(TOKENS) * torch.arange(16.0)[None, :, None])

@@ -7,7 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from sdsurgery import NoResidualSitesError, ResidualSites, apply_stochastic_depth, find_residual_sites
+from sdsurgery import (
+    NoResidualSitesError,
+    ResidualSites,
+    RetrofittedBlock,
+    TraceError,
+    apply_stochastic_depth,
+    find_residual_sites,
+)
 
 X = torch.randn(2, 8)
 
@@ -66,3 +73,90 @@ def test_find_residual_sites_reports_untraced_modules():
 def test_find_residual_sites_of_a_fully_traced_model_has_nothing_untraced():
     sites = find_residual_sites(nn.Sequential(Plain(), Plain()), example_inputs=X)
     assert sites.untraced == {} and [s.block_path for s in sites] == ["0", "1"]
+
+
+class TrainOnlyCheckBlock(nn.Module):
+    """A residual block whose train-mode code branches on tensor values (DETR's encoder layers clamp
+    non-finite activations in training): it traces in eval mode, not in train mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.f(x)
+        if self.training and not torch.isfinite(x).all():
+            x = x.clamp(-1e4, 1e4)
+        return x
+
+
+def test_a_block_that_does_not_trace_in_train_mode_is_left_as_it_is_and_named():
+    model = nn.Sequential(Plain(), TrainOnlyCheckBlock(), Plain()).eval()
+    assert [s.block_path for s in find_residual_sites(model, example_inputs=X)] == ["0", "1", "2"]  # eval traces
+    with pytest.warns(UserWarning, match=rf"left these blocks without stochastic depth .*: 1 \({UNTRACED_REASON}\)"):
+        result = apply_stochastic_depth(model, 0.1, example_inputs=X)
+    assert [type(m).__name__ for m in result] == ["Plain", "TrainOnlyCheckBlock", "Plain"]
+    assert [isinstance(m, RetrofittedBlock) for m in result] == [True, False, True]
+    assert torch.equal(result.eval()(X), model(X))
+
+
+def test_a_model_whose_only_block_does_not_trace_in_train_mode_raises_naming_it():
+    model = nn.Sequential(TrainOnlyCheckBlock()).eval()
+    with pytest.raises(TraceError, match=rf"module '0' \(TrainOnlyCheckBlock\): {UNTRACED_REASON}"):
+        apply_stochastic_depth(model, 0.1, example_inputs=X)
+
+
+class LayerDrop(nn.Module):
+    """Residual layers skipped at random in training (Hugging Face's ``layerdrop``): the draw is data."""
+
+    def __init__(self, layer_drop: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+        self.layer_drop = layer_drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            if self.layer_drop and self.training and torch.rand([]) < 0.5:
+                continue
+            x = x + layer(x)
+        return x
+
+
+def test_a_random_draw_deciding_control_flow_does_not_trace_instead_of_being_baked_in():
+    # Run once while tracing, torch.rand([]) would fix which layers a training step skips, for every step.
+    assert isinstance(apply_stochastic_depth(LayerDrop(False).eval(), 0.1, example_inputs=X), RetrofittedBlock)
+    with pytest.raises(TraceError, match=rf"the model's own forward \(LayerDrop\): {UNTRACED_REASON}"):
+        apply_stochastic_depth(LayerDrop(True).eval(), 0.1, example_inputs=X)
+
+
+class TrainOnlyStatistics(nn.Module):
+    """A parameter-free part that reads tensor values in training only (a quantiser tracking its range)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("largest", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.abs().max() > self.largest:
+            self.largest = x.abs().max().detach()
+        return x
+
+
+class BlockWithTrainOnlyPart(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.f = nn.Linear(8, 8)
+        self.statistics = TrainOnlyStatistics()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.statistics(self.f(x))
+
+
+def test_a_part_of_a_block_that_does_not_trace_in_train_mode_runs_as_one_call():
+    model = nn.Sequential(BlockWithTrainOnlyPart(), BlockWithTrainOnlyPart()).eval()
+    result = apply_stochastic_depth(model, 0.0, example_inputs=X)  # rate 0: training runs the graphs as they are
+    assert [isinstance(m, RetrofittedBlock) for m in result] == [True, True]
+    assert [type(m.statistics).__name__ for m in result] == ["TrainOnlyStatistics", "TrainOnlyStatistics"]
+    with torch.no_grad():
+        assert torch.equal(result.train()(X), model.train()(X))
+    assert [float(m.statistics.largest) > 0 for m in result] == [True, True]  # its own code ran in training

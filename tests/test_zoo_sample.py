@@ -114,3 +114,23 @@ def test_report_states_the_targets_and_lists_every_model(rows, tmp_path):
     csv_lines = (tmp_path / "zoo.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + len(rows)
     assert csv_lines[0].startswith("zoo,family,model,params_m,batch,status,reason,sites")
+
+
+def test_hf_workers_run_after_the_directory_the_sweep_started_in_is_removed(tmp_path, monkeypatch):
+    # A worker started in a removed directory dies loading torch ("Intel oneMKL FATAL ERROR: Cannot load
+    # libtorch_cpu.so"): every worker after the first one of a long sweep crashed that way.
+    pytest.importorskip("transformers")
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    [row] = zoo._run_hf_chunk(["resnet"], 120)
+    assert (row.family, row.status, row.verified) == ("resnet", "whole", "ok")
+
+
+def test_hf_block_whose_second_branch_leads_back_to_the_first_site_is_retrofitted():
+    # Inkling 2's short convolution block: the stochastic depth put on its first residual branch lies on the
+    # path of its second one; the module is installed before the second site looks for existing ones.
+    pytest.importorskip("transformers")
+    row = zoo.run_hf("inkling2_text")
+    assert (row.status, row.verified) == ("partial", "ok") and row.sites == 7
