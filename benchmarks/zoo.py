@@ -197,6 +197,14 @@ _DETECTION_FAMILIES = ("rcnn", "retinanet", "fcos", "ssd")
 # Why a model misses a target, found by reading the model's code (see docs/residual-rules.md). The report
 # lists every miss with its cause here, or as unexplained.
 KNOWN_CAUSES = {
+    "resnest14d": "timm's ResNestBottleneck calls drop path on the block's input x, not on its branch "
+    "(resnest.py: `x = self.drop_path(x)` before `shortcut = self.downsample(x)`): the branch is never dropped and, "
+    "where the block has a downsample, its projected shortcut is computed from the dropped input. Placement "
+    "and rates of the residual branches are timm's; sdsurgery drops the branch, as stochastic depth means",
+    "rexnet_100": "timm drops all channels of the block's output (`x = self.drop_path(x)` before "
+    "`cat([x[:, :in_chs] + shortcut, x[:, in_chs:]])`), the channels beyond the shortcut too, which are no "
+    "residual branch; sdsurgery drops the residual branch `x[:, :in_chs]` only (placement of the residuals "
+    "equal)",
     "edgenext_xx_small": "timm also drops the XCA residual nested inside each SplitTransposeBlock's own residual "
     "branch (two drop-path calls per block). By default only trunk residuals count (rule 5); `nested=True` "
     "adds it.",
