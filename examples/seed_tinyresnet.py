@@ -14,6 +14,8 @@ import sdsurgery
 
 
 class BasicBlock(nn.Module):
+    """The seed notebook's residual block, written plainly: sdsurgery adds stochastic depth afterwards."""
+
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
@@ -33,43 +35,51 @@ class BasicBlock(nn.Module):
 
 
 class TinyResNet(nn.Module):
-    def __init__(self, num_classes: int = 10) -> None:
+    """The seed's TinyResNet: a stem and three stages of two blocks (``width``, 2x, 4x channels; the seed
+    uses ``width=32`` on 3-channel images; train_digits.py 16 on 1-channel 8x8 digits, to keep its run short)."""
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, 1, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU())
-        stages = [(32, 32, 1), (32, 64, 2), (64, 128, 2)]
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        stages = [(width, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2)]
         self.layers = nn.Sequential(
             *(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages)
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(128, num_classes)
+        self.fc = nn.Linear(4 * width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
-torch.manual_seed(0)
-model = TinyResNet()
-x = torch.randn(8, 3, 32, 32)
+def main() -> None:
+    torch.manual_seed(0)
+    model = TinyResNet()
+    x = torch.randn(8, 3, 32, 32)
 
-for site in sdsurgery.find_residual_sites(model, p_max=0.3):
-    print(
-        f"depth {site.depth}  {site.block_path:<10} {site.add:<6} branch {site.branch:<14} "
-        f"skip {site.skip:<22} {site.shortcut:<10} p = {site.drop_rate:.2f}"
-    )
+    for site in sdsurgery.find_residual_sites(model, p_max=0.3):
+        print(
+            f"depth {site.depth}  {site.block_path:<10} {site.add:<6} branch {site.branch:<14} "
+            f"skip {site.skip:<22} {site.shortcut:<10} p = {site.drop_rate:.2f}"
+        )
 
-retrofitted = sdsurgery.apply_stochastic_depth(model, p_max=0.3, example_inputs=x)
+    retrofitted = sdsurgery.apply_stochastic_depth(model, p_max=0.3, example_inputs=x)
 
-# Verify before any train-mode forward: those update batch-norm statistics, and the original's would not.
-report = sdsurgery.verify(model, retrofitted, x)
-print(report.summary())
-assert report.ok
+    # Verify before any train-mode forward: those update batch-norm statistics, and the original's would not.
+    report = sdsurgery.verify(model, retrofitted, x)
+    print(report.summary())
+    assert report.ok
 
-retrofitted.train()
-with torch.no_grad():
-    first, second = retrofitted(x), retrofitted(x)
-print("train mode: two forwards differ:", not torch.equal(first, second))
+    retrofitted.train()
+    with torch.no_grad():
+        first, second = retrofitted(x), retrofitted(x)
+    print("train mode: two forwards differ:", not torch.equal(first, second))
 
-retrofitted.eval()
-with torch.no_grad():
-    first, second = retrofitted(x), retrofitted(x)
-print("eval mode: two forwards are equal:", torch.equal(first, second))
+    retrofitted.eval()
+    with torch.no_grad():
+        first, second = retrofitted(x), retrofitted(x)
+    print("eval mode: two forwards are equal:", torch.equal(first, second))
+
+
+if __name__ == "__main__":
+    main()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from seed_tinyresnet import TinyResNet  # this script's folder is on sys.path when it runs
 from torch import nn
 
 import sdsurgery
@@ -32,45 +33,6 @@ try:
     from tqdm import tqdm
 except ImportError as error:
     raise SystemExit(f'{error.name} is missing: pip install -e ".[examples]"') from None
-
-
-class BasicBlock(nn.Module):
-    """The seed notebook's residual block, written plainly: sdsurgery adds stochastic depth afterwards."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return torch.relu(out + self.shortcut(x))
-
-
-class TinyResNet(nn.Module):
-    """The seed's TinyResNet: a stem and three stages of two blocks (``width``, 2x, 4x channels; the seed
-    uses ``width=32`` on 3-channel images, this example 16 on 1-channel 8x8 digits, to keep the run short)."""
-
-    def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 32) -> None:
-        super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        stages = [(width, width, 1), (width, 2 * width, 2), (2 * width, 4 * width, 2)]
-        self.layers = nn.Sequential(
-            *(nn.Sequential(BasicBlock(cin, cout, stride), BasicBlock(cout, cout, 1)) for cin, cout, stride in stages)
-        )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(4 * width, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.layers(self.stem(x))), 1))
 
 
 def digits(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

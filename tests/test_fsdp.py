@@ -4,28 +4,18 @@ control that sharding sees the retrofitted blocks' parameters), and at rate 0.5 
 mode every rank skips the same blocks and dropped blocks still get (zero) gradients."""
 
 import copy
-import json
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from gloo_ranks import run_on_gloo_ranks, same_on_every_rank
 from sdsurgery import RetrofittedBlock, apply_stochastic_depth, set_drop_rates
 from tiny_residual_models import MLPNet
 
 MODES = ("row", "batch", "subset")
 WORLD = 2
 STEPS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batches(world: int):
@@ -42,59 +32,45 @@ def _step(model, optimizer, x, y) -> None:
     optimizer.step()
 
 
-def _train(rank: int, world: int, port: int, out_dir: str) -> None:
+def _train(rank: int, world: int) -> dict:
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     results = {}
-    try:
-        for mode in MODES:
-            for p_max in (0.0, 0.5):
-                torch.manual_seed(0)  # same weights and the same drop seed on every rank
-                model = apply_stochastic_depth(
-                    MLPNet(blocks=4, width=6), 0.5, mode=mode, example_inputs=torch.randn(2, 6)
-                )
-                set_drop_rates(model, p_max, schedule="uniform")
-                reference = copy.deepcopy(model)
-                ran = []  # which blocks computed their branch, step by step
-                for i, block in enumerate(model.blocks):
-                    block.fc1.register_forward_hook(lambda *args, i=i, ran=ran: ran.append(i))
-                for block in model.blocks:
-                    assert isinstance(block, RetrofittedBlock)
-                    fully_shard(block)
-                fully_shard(model)
-                optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-                reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
-                before = [p.detach().clone() for p in reference.parameters()]
-                for x, y in _batches(world):
-                    rows = slice(8 * rank, 8 * (rank + 1))
-                    _step(model, optimizer, x[rows], y[rows])
-                    if p_max == 0.0:
-                        _step(reference, reference_optimizer, x, y)
-                full = [p.full_tensor().detach() for p in model.parameters()]
-                runs = [None] * world
-                dist.all_gather_object(runs, ran)
-                results[f"{mode}-{p_max}"] = {
-                    "equals_unsharded": p_max == 0.0
-                    and all(torch.allclose(f, r, rtol=1e-5, atol=1e-6) for f, r in zip(full, reference.parameters())),
-                    "trained": all(not torch.equal(f, b) for f, b in zip(full, before)),
-                    "same_blocks_ran": all(r == runs[0] for r in runs),
-                    "branch_calls": len(ran),
-                }
-    finally:
-        dist.destroy_process_group()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
+    for mode in MODES:
+        for p_max in (0.0, 0.5):
+            torch.manual_seed(0)  # same weights and the same drop seed on every rank
+            model = apply_stochastic_depth(MLPNet(blocks=4, width=6), 0.5, mode=mode, example_inputs=torch.randn(2, 6))
+            set_drop_rates(model, p_max, schedule="uniform")
+            reference = copy.deepcopy(model)
+            ran = []  # which blocks computed their branch, step by step
+            for i, block in enumerate(model.blocks):
+                block.fc1.register_forward_hook(lambda *args, i=i, ran=ran: ran.append(i))
+            for block in model.blocks:
+                assert isinstance(block, RetrofittedBlock)
+                fully_shard(block)
+            fully_shard(model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1)
+            before = [p.detach().clone() for p in reference.parameters()]
+            for x, y in _batches(world):
+                rows = slice(8 * rank, 8 * (rank + 1))
+                _step(model, optimizer, x[rows], y[rows])
+                if p_max == 0.0:
+                    _step(reference, reference_optimizer, x, y)
+            full = [p.full_tensor().detach() for p in model.parameters()]
+            results[f"{mode}-{p_max}"] = {
+                "equals_unsharded": p_max == 0.0
+                and all(torch.allclose(f, r, rtol=1e-5, atol=1e-6) for f, r in zip(full, reference.parameters())),
+                "trained": all(not torch.equal(f, b) for f, b in zip(full, before)),
+                "same_blocks_ran": same_on_every_rank(ran),
+                "branch_calls": len(ran),
+            }
+    return results
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("fsdp"))
-    mp.spawn(_train, args=(WORLD, _free_port(), out_dir), nprocs=WORLD, join=True)
-    with open(os.path.join(out_dir, "rank0.json")) as f:
-        return json.load(f)
+    return run_on_gloo_ranks(_train, WORLD, str(tmp_path_factory.mktemp("fsdp")))[0]
 
 
 @pytest.mark.parametrize("mode", MODES)
