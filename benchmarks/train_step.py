@@ -1,7 +1,7 @@
 """Train-step, eval and surgery timings of sdsurgery's modes, measured side by side in one run.
 
     python benchmarks/train_step.py                      # everything (about 30 minutes on 2 CPU cores)
-    python benchmarks/train_step.py --only resnet110     # one section: resnet110, timm, eval, surgery
+    python benchmarks/train_step.py --only resnet110     # one section: resnet110, timm, hf, eval, surgery
     python benchmarks/train_step.py --threads 2 --steps 30
 
 Sections:
@@ -10,11 +10,14 @@ Sections:
              SGD step) of row, batch and subset modes over the model without stochastic depth.
   timm       vit_small_patch16_224 and resnet50, batch 8, 224x224: row mode over timm's native
              drop_path_rate model at the same rates (p_max=0.1, linear).
+  hf         Hugging Face BERT (classifier), GPT-2 and Llama (causal LMs) from 4-layer configs, batch 8 of 64
+             tokens, p_max=0.1: train step of the retrofitted model over the original (no drop path of its
+             own), retrofitted on a smaller example (2 x 8 tokens) than it trains on.
   eval       eval forward of each retrofitted model over its original.
   surgery    wall time of apply_stochastic_depth on resnet152, vit_base_patch16_224, convnext_base,
              swin_base_patch4_window7_224, with and without the eval check.
 
-The resnet110 and eval sections also time an identical copy of their reference: its ratio is the noise.
+The resnet110, hf and eval sections also time an identical copy of their reference: its ratio is the noise.
 Variants are timed round-robin (one step of each in turn), so that load from other processes falls on all
 of them alike, in an order shuffled each round; each ratio is the median over rounds of the variant's time
 over the reference's in the same round. With one torch thread (the default) steps are timed in
@@ -309,6 +312,66 @@ def bench_timm(args: argparse.Namespace) -> None:
     )
 
 
+def _hf_models() -> dict[str, Callable[[], nn.Module]]:
+    import transformers
+
+    size = dict(num_hidden_layers=4, num_attention_heads=4, intermediate_size=512, max_position_embeddings=128)
+    return {
+        "bert (sequence classification)": lambda: transformers.BertForSequenceClassification(
+            transformers.BertConfig(vocab_size=1000, hidden_size=128, **size)
+        ),
+        "gpt2 (causal LM)": lambda: transformers.GPT2LMHeadModel(
+            transformers.GPT2Config(vocab_size=1000, n_embd=128, n_layer=4, n_head=4, bos_token_id=0, eos_token_id=0)
+        ),
+        "llama (causal LM)": lambda: transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(vocab_size=1000, hidden_size=128, num_key_value_heads=2, pad_token_id=0, **size)
+        ),
+    }
+
+
+def bench_hf(args: argparse.Namespace) -> None:
+    rows = []
+    reference = "original"
+    tokens = torch.randint(1, 1000, (8, 64), generator=torch.Generator().manual_seed(0))
+    for name, build in _hf_models().items():
+        torch.manual_seed(0)
+        original = build()
+        example = {"input_ids": tokens[:2, :8], "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+        retrofitted = sdsurgery.apply_stochastic_depth(original, 0.1, example_inputs=example)
+        variants = [
+            Variant(reference, original),
+            Variant("original, a copy", copy.deepcopy(original)),
+            Variant("sdsurgery row", retrofitted),
+        ]
+        labels = torch.zeros(8, dtype=torch.long) if name.startswith("bert") else tokens
+        for v in variants:
+            v.model.train()
+            v.optimizer = _sgd(v.model)
+
+        def step(v: Variant, labels: torch.Tensor = labels) -> None:
+            v.optimizer.zero_grad(set_to_none=True)
+            v.model(input_ids=tokens, attention_mask=torch.ones_like(tokens), labels=labels).loss.backward()
+            v.optimizer.step()
+
+        t = round_robin(variants, step, args.timm_steps, args.warmup)
+        for v in variants:
+            rows.append(
+                (
+                    name,
+                    v.name,
+                    f"{t.median(v.name) * 1e3:.1f}",
+                    f"{t.ratio(v.name, reference):.3f}",
+                    "<= 1.05" if v.name.startswith("sdsurgery") else "",
+                    f"{t.ratio(v.name, reference, wall=True):.3f}",
+                )
+            )
+    _print_table(
+        f"Hugging Face models, batch 8 x 64 tokens, p_max=0.1 linear: train step, {args.timm_steps} rounds",
+        ("model", "variant", "median step (ms)", "ratio to original", "target", "wall-clock ratio"),
+        rows,
+    )
+
+
 def bench_eval(args: argparse.Namespace) -> None:
     rows = []
     torch.manual_seed(0)
@@ -388,7 +451,13 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-SECTIONS = {"resnet110": bench_resnet110, "timm": bench_timm, "eval": bench_eval, "surgery": bench_surgery}
+SECTIONS = {
+    "resnet110": bench_resnet110,
+    "timm": bench_timm,
+    "hf": bench_hf,
+    "eval": bench_eval,
+    "surgery": bench_surgery,
+}
 
 
 def main() -> None:
@@ -396,7 +465,7 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (fixed for every variant)")
     parser.add_argument("--steps", type=int, default=20, help="timed ResNet-110 train steps per variant")
-    parser.add_argument("--timm-steps", type=int, default=20, help="timed timm train steps per variant")
+    parser.add_argument("--timm-steps", type=int, default=20, help="timed timm and hf train steps per variant")
     parser.add_argument("--eval-steps", type=int, default=20, help="timed eval forwards per variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default thresholds")

@@ -36,14 +36,16 @@ TRACED = _Traced()
 
 @dataclass(frozen=True)
 class _Opaque:
-    """The form of an object the trace could only bake in as a constant: only that very object matches."""
+    """The form of an object that is neither a tensor nor a plain value (a key-value cache). A trace takes
+    such an argument as an input, whose class its code may have tested (``isinstance``): the class is the form.
+    Inside a container no trace can take it (see :func:`concrete_arguments`)."""
 
-    identity: int
+    cls: type
 
 
 def form_of(value: Any) -> Hashable:
     """The form of one argument: ``None``; ``(type, value)`` for a plain Python value; a tuple of element forms
-    for a tuple, list or dict; :data:`TRACED` for a tensor, a proxy or ``fx.PH``; else an opaque identity."""
+    for a tuple, list or dict; :data:`TRACED` for a tensor, a proxy or ``fx.PH``; else the object's class."""
     if value is None:
         return None
     if isinstance(value, (torch.Tensor, fx.Proxy)) or value is fx.PH:
@@ -54,7 +56,7 @@ def form_of(value: Any) -> Hashable:
         return (type(value), tuple(form_of(v) for v in value))
     if isinstance(value, Mapping):
         return (dict, tuple((k, form_of(v)) for k, v in value.items()))
-    return _Opaque(id(value))
+    return _Opaque(type(value))
 
 
 def is_specialisable(form: Hashable) -> bool:
@@ -134,11 +136,10 @@ class CallForm:
         return described
 
 
-def call_key(args: tuple, kwargs: Mapping[str, Any]) -> Hashable | None:
+def call_key(args: tuple, kwargs: Mapping[str, Any]) -> Hashable:
     """A cheap key for how a call looks (forms of its positional and keyword arguments), to remember where
-    calls of that look go; ``None`` when it holds an object that only matches itself (not worth caching)."""
-    key = (tuple(form_of(a) for a in args), tuple((k, form_of(v)) for k, v in kwargs.items()))
-    return key if is_specialisable(key) else None
+    calls of that look go: calls that look alike are traced for alike, an object by its class."""
+    return (tuple(form_of(a) for a in args), tuple((k, form_of(v)) for k, v in kwargs.items()))
 
 
 def concrete_arguments(arguments: Mapping[str, Any]) -> dict[str, Any] | None:

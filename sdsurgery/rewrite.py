@@ -164,12 +164,9 @@ class RetrofittedBlock(fx.GraphModule):
             return _TRACED_FORM
         key = call_key(args, kwargs)
         routes = self.__dict__["_routes"]
-        route = routes.get(key) if key is not None else None
-        if route is None:
-            route = retrace.route(self, args, kwargs)
-            if key is not None:
-                routes[key] = route
-        return route
+        if key not in routes:
+            routes[key] = retrace.route(self, args, kwargs)
+        return routes[key]
 
     def traced_for(self, args: tuple, kwargs: dict, *, training: bool) -> tuple[fx.GraphModule, fx.Graph] | None:
         """The module and graph that run a call with these arguments in the given mode (this block and one of

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import logging
 import operator
 import os
 import sys
@@ -317,6 +318,7 @@ class SurgeryTracer(fx.Tracer):
             _calls_recorded(self, RANDOM_FACTORIES, traced_only=False),
             _calls_recorded(self, SIZED_FACTORIES, traced_only=True),
             _type_info_specialised(self),
+            _fake_tensor_errors_unlogged(),
         ):
             return super().trace(root, concrete_args)
 
@@ -564,6 +566,19 @@ def _type_info_specialised(tracer: SurgeryTracer) -> Any:
         return call
 
     return _torch_functions_wrapped(("finfo", "iinfo"), specialised)
+
+
+@contextmanager
+def _fake_tensor_errors_unlogged() -> Iterator[None]:
+    """Keep torch from logging each op that fails on the example values' fake tensors: such a value stays
+    unknown (see :meth:`SurgeryTracer._compute`), which is no error of the user's."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def dtype(value: torch.dtype) -> torch.dtype:

@@ -4,6 +4,7 @@ Nothing is downloaded: every model is built from a config written here, with ran
 """
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ from sdsurgery import (  # noqa: E402
     StochasticDepth,
     apply_stochastic_depth,
     find_residual_sites,
+    set_drop_rates,
     verify,
 )
-from sdsurgery.tracing import TraceOptions, trace  # noqa: E402
+from sdsurgery.tracing import SurgeryTracer, TraceOptions, trace  # noqa: E402
 
 P_MAX = 0.2
 LAYERS = 3
@@ -166,6 +168,65 @@ def test_train_forward_backward_reaches_every_weight(name, retrofitted):
     unused = {"pooler.dense.weight", "pooler.dense.bias"}  # BERT's pooler is not on the loss here
     missing = [n for n, p in result.named_parameters() if p.grad is None and n not in unused]
     assert missing == []
+
+
+def _without_dropout(model):
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+# Training batches of one look (no padding) but other sizes, then padded ones: a causal LM's layers are
+# called with a cache object and, unpadded, without the attention mask the example call passed them.
+TRAINING_BATCHES = [_tokens(4, 16, seed=3), _tokens(3, 7, seed=4), _tokens(5, 12, seed=5), _tokens(2, 9, seed=6)]
+for batch in TRAINING_BATCHES[:3]:
+    batch["attention_mask"].fill_(1)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_train_outputs_at_rate_zero_equal_the_original_on_every_call_form(name, retrofitted):
+    model, result = retrofitted(name)
+    model, result = _without_dropout(copy.deepcopy(model)).train(), _without_dropout(copy.deepcopy(result)).train()
+    set_drop_rates(result, 0.0)
+    for inputs in TRAINING_BATCHES:
+        assert torch.equal(result(**inputs).logits, model(**inputs).logits)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_training_calls_of_one_look_are_traced_for_once(name, retrofitted, monkeypatch):
+    _, result = retrofitted(name)
+    result = copy.deepcopy(result).train()
+    traces = []
+    trace_graph = SurgeryTracer.trace
+
+    def counted(*args, **kwargs):
+        traces.append(args[1])
+        return trace_graph(*args, **kwargs)
+
+    monkeypatch.setattr(SurgeryTracer, "trace", counted)
+    batches = TRAINING_BATCHES[:3] if name != "vit" else MODELS[name][2] * 3
+    _main_output(result(**batches[0])).sum().backward()
+    first = len(traces)
+    for inputs in batches[1:]:
+        _main_output(result(**inputs)).sum().backward()
+    assert len(traces) == first
+
+
+def test_surgery_and_training_log_no_errors():
+    # Example values are fake tensors; an op that fails on them leaves its value unknown, and torch would log
+    # each failure with a traceback (a causal LM's layers, traced with the example call's cache, do so).
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    logger.addHandler(handler)
+    try:
+        result = apply_stochastic_depth(_build("gpt2"), P_MAX, example_inputs=MODELS["gpt2"][1])
+        result.train()(**TRAINING_BATCHES[0]).logits.sum().backward()
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
