@@ -188,6 +188,12 @@ def round_robin(variants: list[Variant], step: Callable[[Variant], None], steps:
     return timings
 
 
+def _ratio_row(model: str, variant: str, t: Timings, reference: str, target: str, digits: int = 1) -> tuple:
+    """A table row: the variant's median time (ms), its ratio to ``reference`` in CPU and in wall-clock time."""
+    ratio, wall = t.ratio(variant, reference), t.ratio(variant, reference, wall=True)
+    return (model, variant, f"{t.median(variant) * 1e3:.{digits}f}", f"{ratio:.3f}", target, f"{wall:.3f}")
+
+
 def _print_table(title: str, header: tuple[str, ...], rows: list[tuple]) -> None:
     print(f"\n### {title}\n")
     print("| " + " | ".join(header) + " |")
@@ -294,17 +300,7 @@ def bench_timm(args: argparse.Namespace) -> None:
             v.model.train()
             v.optimizer = _sgd(v.model)
         t = round_robin(variants, lambda v, x=x, y=y: _train_step(v, x, y), args.timm_steps, args.warmup)
-        for v in variants:
-            rows.append(
-                (
-                    name,
-                    v.name,
-                    f"{t.median(v.name) * 1e3:.0f}",
-                    f"{t.ratio(v.name, reference):.3f}",
-                    "<= 1.02" if v.name != reference else "",
-                    f"{t.ratio(v.name, reference, wall=True):.3f}",
-                )
-            )
+        rows += [_ratio_row(name, v.name, t, reference, "<= 1.02" if v.name != reference else "", 0) for v in variants]
     _print_table(
         f"timm models, batch 8, 224x224, p_max=0.1 linear: train step, {args.timm_steps} rounds",
         ("model", "variant", "median step (ms)", "ratio to timm", "target", "wall-clock ratio"),
@@ -354,17 +350,10 @@ def bench_hf(args: argparse.Namespace) -> None:
             v.optimizer.step()
 
         t = round_robin(variants, step, args.timm_steps, args.warmup)
-        for v in variants:
-            rows.append(
-                (
-                    name,
-                    v.name,
-                    f"{t.median(v.name) * 1e3:.1f}",
-                    f"{t.ratio(v.name, reference):.3f}",
-                    "<= 1.05" if v.name.startswith("sdsurgery") else "",
-                    f"{t.ratio(v.name, reference, wall=True):.3f}",
-                )
-            )
+        rows += [
+            _ratio_row(name, v.name, t, reference, "<= 1.05" if v.name.startswith("sdsurgery") else "")
+            for v in variants
+        ]
     _print_table(
         f"Hugging Face models, batch 8 x 64 tokens, p_max=0.1 linear: train step, {args.timm_steps} rounds",
         ("model", "variant", "median step (ms)", "ratio to original", "target", "wall-clock ratio"),
@@ -389,17 +378,10 @@ def bench_eval(args: argparse.Namespace) -> None:
                 v.model(x)
 
         t = round_robin(variants, forward, args.eval_steps, args.warmup)
-        for v in variants:
-            rows.append(
-                (
-                    name,
-                    v.name,
-                    f"{t.median(v.name) * 1e3:.1f}",
-                    f"{t.ratio(v.name, 'original'):.3f}",
-                    "<= 1.01" if not v.name.startswith("original") else "",
-                    f"{t.ratio(v.name, 'original', wall=True):.3f}",
-                )
-            )
+        rows += [
+            _ratio_row(name, v.name, t, "original", "<= 1.01" if not v.name.startswith("original") else "")
+            for v in variants
+        ]
     _print_table(
         f"Eval forward (no grad), {args.eval_steps} rounds",
         ("model", "variant", "median forward (ms)", "ratio", "target", "wall-clock ratio"),
