@@ -246,14 +246,6 @@ KNOWN_CAUSES = {
 
 
 # Why a Hugging Face model type misses the target, found by reading its code (filled from the sweep).
-_SPEECH_ENCODER = (
-    "the encoder adds its convolutional position embedding to its input (modeling_{0}.py: `hidden_states + "
-    "position_embeddings`), a residual whose branch holds more parameters than each tiny layer's, so the "
-    "residual rules count the layers as parts of the encoder's block (residuals.is_sub_block) and the encoder is "
-    "the one block; its training forward draws layer drop (`torch.rand([]) < config.layerdrop`), which does not "
-    "trace (a draw deciding control flow), so that block is left as it is and nothing is retrofitted. The layers "
-    "are not on the position embedding's branch: a rule fix for residuals.py, not a tracing limit"
-)
 _RESIDUALS_IN_MODEL_FORWARD = (
     "the residual additions are written in the model's own forward (attention and FFN module lists, no layer "
     "module: `tensor = tensor + attn`), and that forward asserts on tensor values (`assert lengths.max().item() "
@@ -265,10 +257,6 @@ HF_KNOWN_CAUSES: dict[str, str] = {
     "skip too; the same `drop_path` module serves the first residual's branch, so it is re-rated in place and "
     "the verifier rightly reports its second call, after the addition (stage 2, the only stage with a "
     "drop_path_rate; the other 26 sites verify)",
-    **{
-        t: _SPEECH_ENCODER.format(t.replace("-", "_"))
-        for t in ("data2vec-audio", "hubert", "unispeech", "unispeech-sat", "wav2vec2", "wavlm")
-    },
     "flaubert": _RESIDUALS_IN_MODEL_FORWARD,
     "xlm": _RESIDUALS_IN_MODEL_FORWARD,
     "gemma3n_vision": "a timm MobileNetV5 wrapped by TimmWrapperModel: its size comes from the timm architecture, "

@@ -9,6 +9,8 @@ call the model only through it.
 from __future__ import annotations
 
 import inspect
+import random
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -133,12 +135,25 @@ def model_mode(model: nn.Module, training: bool) -> Iterator[nn.Module]:
 
 @contextmanager
 def seeded_rng(model: nn.Module, seed: int) -> Iterator[None]:
-    """Run under a fork of the random number generators of the CPU and of the model's GPUs, seeded with
-    ``seed``: two runs draw the same numbers, and the caller's generators are left as they were."""
+    """Run under a fork of the random number generators, seeded with ``seed``: torch's on the CPU and on the
+    model's GPUs, Python's and, when it is imported, NumPy's global one (Hugging Face's wav2vec2 draws its
+    SpecAugment masks with NumPy in training). Two runs draw the same numbers, and the caller's generators
+    are left as they were."""
     devices = sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+    numpy = sys.modules.get("numpy")
+    python_state = random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            if numpy is not None:
+                numpy.random.seed(seed)
+            yield
+    finally:
+        random.setstate(python_state)
+        if numpy is not None:
+            numpy.random.set_state(numpy_state)
 
 
 def eval_outputs(model: nn.Module, example_inputs: ExampleInputs | ExampleCall, seed: int = 0) -> Any:

@@ -403,19 +403,37 @@ def _enclosing_calls(add: fx.Node) -> list[str]:
     return [path for path, _ in list(stack.values())[:-1] if path]
 
 
-def is_sub_block(site: ResidualAdd, others: list[ResidualAdd]) -> bool:
+def is_sub_block(site: ResidualAdd, others: list[ResidualAdd], root: nn.Module) -> bool:
     """Whether ``site`` is part of an enclosing block: its owner is called inside the forward of a module
     that owns residuals of its own, and its branch holds fewer parameters than each of them (a position
     encoding ``x + dwconv(x)`` inside a transformer block). The block, not the part, is the unit that
-    stochastic depth drops; the model's own forward is no such block."""
+    stochastic depth drops; the model's own forward is no such block, nor is a module that runs a sequence of
+    blocks (an encoder adding a position convolution before its layers: the layers are blocks of their own)."""
     by_owner: dict[str, list[int]] = {}
     for other in others:
         by_owner.setdefault(other.block_path, []).append(other.branch_parameters)
     return any(
-        path in by_owner and site.branch_parameters < min(by_owner[path])
+        path in by_owner
+        and site.branch_parameters < min(by_owner[path])
+        and not _in_repeated_item(root, path, site.block_path)
         for path in _enclosing_calls(site.add)
         if path != site.block_path
     )
+
+
+def _in_repeated_item(root: nn.Module, outer: str, inner: str) -> bool:
+    """Whether the module at ``inner`` lies in an item of a ``Sequential`` / ``ModuleList`` below ``outer``
+    whose items are all of one class (``encoder.layers.2`` below ``encoder``). A module registered elsewhere
+    (CoaT calls the position encodings it registers on the model inside its blocks) lies in no such item."""
+    if not inner.startswith(f"{outer}."):
+        return False
+    module = root.get_submodule(outer)
+    for name in inner[len(outer) + 1 :].split("."):
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
+            if len({type(item) for item in module}) == 1:
+                return True
+        module = module.get_submodule(name)
+    return False
 
 
 def add_ordinals(graph: fx.Graph) -> dict[fx.Node, int]:
@@ -459,4 +477,4 @@ def find_residual_adds(graph: fx.Graph, root: nn.Module, *, nested: bool = False
     if nested:
         return found
     trunk = [site for site in found if not is_nested(site, found, dependent)]
-    return [site for site in trunk if not is_sub_block(site, trunk)]
+    return [site for site in trunk if not is_sub_block(site, trunk, root)]

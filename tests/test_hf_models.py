@@ -229,6 +229,40 @@ def test_surgery_and_training_log_no_errors():
     assert [r.getMessage() for r in records if r.levelno >= logging.WARNING] == []
 
 
+def _wav2vec2():
+    config = transformers.Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=37,
+        conv_dim=(16, 16),
+        conv_stride=(5, 2),
+        conv_kernel=(10, 3),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        mask_time_prob=0.2,  # SpecAugment: time steps masked in training, drawn with NumPy
+    )
+    torch.manual_seed(0)
+    return transformers.Wav2Vec2Model(config).eval(), {"input_values": torch.randn(2, 1600)}
+
+
+def test_an_encoder_adding_a_position_convolution_keeps_the_sites_of_its_layers():
+    # Wav2Vec2's encoder adds a grouped position convolution (more parameters than a layer's attention) and
+    # then runs its layers: the layers are blocks of their own, not parts of the encoder.
+    model, inputs = _wav2vec2()
+    sites = find_residual_sites(model, P_MAX, example_inputs=inputs)
+    layers = [f"encoder.layers.{i}" for i in range(LAYERS)]
+    assert [s.block_path for s in sites] == ["encoder", *(path for path in layers for _ in range(2))]
+
+
+def test_a_speech_encoder_with_layer_drop_and_numpy_masking_is_retrofitted_and_verified():
+    model, inputs = _wav2vec2()
+    result = apply_stochastic_depth(model, P_MAX, example_inputs=inputs, verify=False)
+    assert all(isinstance(layer, RetrofittedBlock) for layer in result.encoder.layers)
+    report = verify(model, result, inputs)
+    assert report.ok and report.train_max_abs_diff == 0.0 and len(report.sites) == 2 * LAYERS
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_save_pretrained_round_trip(name, retrofitted, tmp_path):
     model, result = retrofitted(name)

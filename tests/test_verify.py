@@ -1,12 +1,26 @@
 """The verifier catches every way a retrofit can be wrong: changed outputs, SD on the skip, SD after the add,
 and SD where a wrong residual rule put it."""
 
+import random
+
+import numpy as np
 import pytest
 import timm
 import torch
 import torchvision
 
 from sdsurgery import apply_stochastic_depth, default_example_inputs, residuals, verification, verify
+from tiny_residual_models import MLPNet
+
+
+class NumpyMaskedMLP(MLPNet):
+    """Masks its input with NumPy's random numbers in training, in its own forward (as Hugging Face's
+    wav2vec2 draws its SpecAugment masks); the retrofitted model keeps that forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            x = x * torch.from_numpy(np.random.rand(*x.shape) > 0.5).to(x.dtype)
+        return super().forward(x)
 
 
 @pytest.fixture
@@ -145,6 +159,26 @@ def test_models_are_left_unchanged(models):
     verify(original, retrofitted)
     assert retrofitted.training
     assert all(torch.equal(v, before[k]) for k, v in retrofitted.state_dict().items())
+
+
+def test_a_model_drawing_numpy_random_numbers_in_training_verifies():
+    torch.manual_seed(0)
+    original = NumpyMaskedMLP(blocks=3)
+    retrofitted = apply_stochastic_depth(original, 0.2, example_inputs=torch.randn(4, 6), verify=False)
+    report = verify(original, retrofitted, torch.randn(4, 6))
+    assert report.ok and report.train_max_abs_diff == 0.0
+
+
+def test_verification_leaves_the_callers_random_generators_as_they_were(models):
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    expected = (random.random(), np.random.rand(), torch.rand(()))
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    verify(*models)
+    assert (random.random(), np.random.rand(), torch.rand(())) == expected
 
 
 def test_default_input_for_torchvision_is_224():
