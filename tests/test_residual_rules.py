@@ -153,6 +153,56 @@ def test_positional_conv_inside_a_block_is_part_of_that_block():
     ]
 
 
+class MixMlpBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.mix = nn.Conv1d(c, c, 1)
+        self.mlp = nn.Sequential(nn.Conv1d(c, 2 * c, 1), nn.GELU(), nn.Conv1d(2 * c, c, 1))
+
+    def forward(self, x):
+        x = x + self.mix(x)
+        return x + self.mlp(x)
+
+
+class PositionConvEncoder(nn.Module):
+    """wav2vec2's encoder: adds a wide position convolution (more parameters than each residual branch of a
+    block), then runs its blocks, held in a ``ModuleList`` or (``listed=False``) as two attributes."""
+
+    def __init__(self, c=8, listed=True):
+        super().__init__()
+        self.pos = nn.Conv1d(c, c, 15, padding=7)
+        blocks = [MixMlpBlock(c), MixMlpBlock(c)]
+        if listed:
+            self.blocks = nn.ModuleList(blocks)
+        else:
+            self.first, self.second = blocks
+
+    def forward(self, x):
+        x = x + self.pos(x)
+        for block in self.blocks if hasattr(self, "blocks") else (self.first, self.second):
+            x = block(x)
+        return x
+
+
+class SpeechLike(nn.Module):
+    def __init__(self, listed=True):
+        super().__init__()
+        self.encoder = PositionConvEncoder(listed=listed)
+
+    def forward(self, x):
+        return self.encoder(x)
+
+
+def test_blocks_a_module_runs_from_a_list_are_not_parts_of_it():
+    sites = find_residual_sites(SpeechLike(), example_inputs=X)
+    assert [s.block_path for s in sites] == ["encoder", *(["encoder.blocks.0"] * 2), *(["encoder.blocks.1"] * 2)]
+
+
+def test_lighter_residual_modules_a_module_calls_by_name_are_parts_of_it():
+    sites = find_residual_sites(SpeechLike(listed=False), example_inputs=X)
+    assert [s.block_path for s in sites] == ["encoder"]
+
+
 def test_exclude_by_class_drops_positional_convs():
     sites = find_residual_sites(Trunk(), exclude=[PositionalConv], example_inputs=X)
     assert [s.block_path for s in sites] == ["blocks.0", "blocks.0", "blocks.1", "blocks.1"]
