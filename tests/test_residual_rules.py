@@ -153,17 +153,6 @@ def test_positional_conv_inside_a_block_is_part_of_that_block():
     ]
 
 
-class MixMlpBlock(nn.Module):
-    def __init__(self, c=8):
-        super().__init__()
-        self.mix = nn.Conv1d(c, c, 1)
-        self.mlp = nn.Sequential(nn.Conv1d(c, 2 * c, 1), nn.GELU(), nn.Conv1d(2 * c, c, 1))
-
-    def forward(self, x):
-        x = x + self.mix(x)
-        return x + self.mlp(x)
-
-
 class PositionConvEncoder(nn.Module):
     """wav2vec2's encoder: adds a wide position convolution (more parameters than each residual branch of a
     block), then runs its blocks, held in a ``ModuleList`` or (``listed=False``) as two attributes."""
@@ -171,7 +160,7 @@ class PositionConvEncoder(nn.Module):
     def __init__(self, c=8, listed=True):
         super().__init__()
         self.pos = nn.Conv1d(c, c, 15, padding=7)
-        blocks = [MixMlpBlock(c), MixMlpBlock(c)]
+        blocks = [TransformerLikeBlock(c), TransformerLikeBlock(c)]
         if listed:
             self.blocks = nn.ModuleList(blocks)
         else:
