@@ -127,7 +127,7 @@ def find_repeated_blocks(model: nn.Module, site_paths: Sequence[str]) -> Repeate
         for run in runs
         if any(k in leaf_stages for k in children[run])
         for path in children[run]
-        if path not in leaf_stages and path not in own and _is_stage_of_one_class(model.get_submodule(path))
+        if path not in leaf_stages and path not in own and is_container_of_one_class(model.get_submodule(path))
     ]
     stages = uniform + [
         path
@@ -171,8 +171,9 @@ def residuals_left_alone(repeated: RepeatedBlocks, sites: Sequence[tuple[str, in
     return alone
 
 
-def _is_stage_of_one_class(module: nn.Module) -> bool:
-    """Whether ``module`` is a generic container whose children are all of one class."""
+def is_container_of_one_class(module: nn.Module) -> bool:
+    """Whether ``module`` is a generic container (``Sequential``, ``ModuleList``, ``ModuleDict``) whose
+    children are all of one class."""
     return isinstance(module, _GENERIC_CONTAINERS) and len({type(child) for child in module.children()}) == 1
 
 

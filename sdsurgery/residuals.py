@@ -36,6 +36,7 @@ from torch import fx, nn
 
 from .choices import ShortcutKind
 from .ops import is_stochastic_depth_op
+from .repeated import is_container_of_one_class
 from .tracing import owner_path
 
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -429,9 +430,8 @@ def _in_repeated_item(root: nn.Module, outer: str, inner: str) -> bool:
         return False
     module = root.get_submodule(outer)
     for name in inner[len(outer) + 1 :].split("."):
-        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1:
-            if len({type(item) for item in module}) == 1:
-                return True
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) > 1 and is_container_of_one_class(module):
+            return True
         module = module.get_submodule(name)
     return False
 
