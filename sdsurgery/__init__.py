@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "CheckpointError": "checkpoint",
     "load": "checkpoint",
+    "ExampleInputsError": "errors",
     "NoResidualSitesError": "errors",
     "SurgeryError": "errors",
     "TraceError": "errors",
@@ -26,6 +27,7 @@ _EXPORTS = {
     "default_example_inputs": "inputs",
     "StochasticDepth": "ops",
     "stochastic_depth": "ops",
+    "ModelSignature": "plan",
     "ResidualSite": "plan",
     "ResidualSites": "plan",
     "SurgeryPlan": "plan",
@@ -67,10 +69,17 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what the names are, for type checkers and IDEs
     from .checkpoint import CheckpointError, load
-    from .errors import NoResidualSitesError, SurgeryError, TraceError, VerificationError
+    from .errors import ExampleInputsError, NoResidualSitesError, SurgeryError, TraceError, VerificationError
     from .inputs import default_example_inputs
     from .ops import StochasticDepth, stochastic_depth
-    from .plan import ResidualSite, ResidualSites, SurgeryPlan, find_residual_sites, plan_stochastic_depth
+    from .plan import (
+        ModelSignature,
+        ResidualSite,
+        ResidualSites,
+        SurgeryPlan,
+        find_residual_sites,
+        plan_stochastic_depth,
+    )
     from .rates import set_drop_rates
     from .rewrite import RetrofittedBlock
     from .scheduler import DropRateScheduler

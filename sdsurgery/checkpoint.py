@@ -7,7 +7,8 @@ saves the whole retrofitted module with ``torch.save(model)`` for users who want
 module; its provenance rides along in the module's ``sdsurgery_checkpoint`` attribute.
 
 Files are written atomically (a temporary file in the same folder, then a rename) and an existing file is
-only replaced with ``force=True``.
+only replaced with ``force=True``. The metadata keeps a SHA-256 of the state dict: a file whose weights were
+changed after writing is refused on reading.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from .errors import SurgeryError, first_line
 from .plan import ResidualSite, plan_stochastic_depth
 from .specs import REGISTRIES, BuildOptions, ModelSpec, build_model
 from .surgery import apply_plan
-from .weights import PickledObjectsError, load_state_dict_into, read_tensor_file
+from .weights import PickledObjectsError, load_state_dict_into, read_tensor_file, state_dict_digest
 
 FORMAT = "sdsurgery.checkpoint"
 FORMAT_VERSION = 1
@@ -122,6 +125,7 @@ class Checkpoint:
             "surgery": self.surgery.to_dict(),
             "sites": [dict(site) for site in self.sites],
             "input_size": list(self.input_size) if self.input_size is not None else None,
+            "state_dict_sha256": state_dict_digest(self.state_dict),
         }
 
     def source_model(self, *, trust_pickle: bool = False) -> nn.Module:
@@ -205,6 +209,10 @@ def checkpoint_for(
     )
 
 
+_FOREIGN_SUFFIXES = {".safetensors": "safetensors", ".onnx": "ONNX", ".json": "a JSON reader"}
+"""Names whose readers expect another format: writing a torch zip file under them would mislead."""
+
+
 def check_destination(path: Path, *, force: bool = False) -> None:
     """Raise ``CheckpointError`` unless ``path`` can be written: its folder exists, it is not a folder,
     and it does not exist yet (or ``force``)."""
@@ -216,6 +224,11 @@ def check_destination(path: Path, *, force: bool = False) -> None:
         raise CheckpointError(f"cannot write {path}: {folder} is not a folder")
     if path.is_dir():
         raise CheckpointError(f"cannot write {path}: it is a folder")
+    if path.suffix.lower() in _FOREIGN_SUFFIXES:
+        raise CheckpointError(
+            f"cannot write {path}: a checkpoint is a torch file that {_FOREIGN_SUFFIXES[path.suffix.lower()]} "
+            "cannot read; name it .pt or .pth"
+        )
     if path.exists() and not force:
         raise CheckpointError(f"{path} already exists: pass --force to overwrite it")
     if not os.access(folder, os.W_OK):
@@ -253,10 +266,17 @@ def save(path: Path, checkpoint: Checkpoint, *, force: bool = False) -> None:
 def _write_atomically(path: Path, write: Callable[[IO[bytes]], None], *, force: bool) -> None:
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(descriptor, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
+        try:
+            with os.fdopen(descriptor, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+        except (OSError, RuntimeError) as failure:  # a full disk: torch's zip writer raises RuntimeError
+            written, free = os.path.getsize(temporary) / 1e6, shutil.disk_usage(path.parent).free / 1e6
+            raise CheckpointError(
+                f"cannot write {path}: writing stopped after {written:.1f} MB: {_write_failure(failure)} "
+                f"({free:.0f} MB free on its disk); nothing was written"
+            ) from failure
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         if force:
             os.replace(temporary, path)
@@ -265,6 +285,13 @@ def _write_atomically(path: Path, write: Callable[[IO[bytes]], None], *, force: 
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
+
+
+def _write_failure(failure: OSError | RuntimeError) -> str:
+    if isinstance(failure, OSError) and failure.strerror:
+        return failure.strerror
+    # "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+    return re.sub(r"^\[enforce fail at [^\]]*\][\s.]*", "", first_line(failure))
 
 
 def _publish_without_overwriting(temporary: str, path: Path) -> None:
@@ -330,6 +357,12 @@ def _parse(
         raise CheckpointError(
             f"{path} was written by a newer sdsurgery (format version {version}; this one reads up to "
             f"{FORMAT_VERSION}): upgrade sdsurgery"
+        )
+    recorded = contents.get("state_dict_sha256")  # files written before it was kept have none
+    if recorded is not None and recorded != state_dict_digest(contents.get("state_dict", {})):
+        raise CheckpointError(
+            f"{path} is damaged: its weights differ from those it was written with (state dict checksum); "
+            "write it again with sdsurgery apply"
         )
     try:
         source = contents["source"]

@@ -31,9 +31,13 @@ CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = get_args(CheckpointFormat)
 
 def check_rate(p: float) -> float:
     """``p`` as a float; ``ValueError`` unless it is a drop rate in ``[0, 1)``."""
-    if not 0.0 <= float(p) < 1.0:
+    try:
+        rate = float(p)
+    except (TypeError, ValueError):
+        rate = float("nan")
+    if not 0.0 <= rate < 1.0:
         raise ValueError(f"stochastic depth rate p must be in [0, 1), got {p!r}")
-    return float(p)
+    return rate
 
 
 def check_mode(mode: str, allowed: Sequence[str] = MODES) -> Mode:

@@ -9,17 +9,21 @@ torch and the pass are imported when a command runs, so ``--help`` and usage err
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
+import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .choices import CHECKPOINT_FORMATS, MODES, SCHEDULES
-from .errors import SurgeryError, VerificationError, first_line
+from .errors import ExampleInputsError, SurgeryError, VerificationError, first_line
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 
 PROG = "sdsurgery"
 _UNTRACED_WARNING = "sdsurgery kept these modules"  # the site table already lists them
+_OUT_OF_MEMORY = re.compile(r"can't allocate|out of memory|DefaultCPUAllocator", re.IGNORECASE)
 
 MODEL_HELP = """\
 MODEL is torchvision:NAME or timm:NAME (built with random weights, nothing is downloaded; load weights with
@@ -232,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 0
     debug = getattr(args, "debug", False)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _termination_as_exception():
             warnings.showwarning = _show_warning
             return args.run(args)
     except KeyboardInterrupt:
@@ -240,6 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as stop:
+        if debug:
+            raise
+        print(f"{PROG}: stopped by {stop.signal.name}, nothing written", file=sys.stderr)
+        return 128 + stop.signal
     except BrokenPipeError:  # stdout closed early (| head): stop quietly, as the Python docs recommend
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
@@ -250,11 +260,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+class _Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: raised where the command is, so that its clean-up (a half-written checkpoint's
+    temporary file) runs as on Ctrl-C, which Python turns into KeyboardInterrupt."""
+
+    def __init__(self, received: signal.Signals) -> None:
+        super().__init__(received.name)
+        self.signal = received
+
+
+@contextlib.contextmanager
+def _termination_as_exception() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # handlers can only be set in the main thread
+        yield
+        return
+    signals = [signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])]
+
+    def stop(number: int, frame: Any) -> None:
+        raise _Terminated(signal.Signals(number))
+
+    previous = {number: signal.signal(number, stop) for number in signals}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def _message(error: Exception) -> str:
     if isinstance(error, (SurgeryError, ValueError)):
         text = str(error)
     elif isinstance(error, OSError) and error.filename is not None:
         text = f"{error.strerror or error}: {error.filename}"
+    elif isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error))):
+        text = f"out of memory: {first_line(error)} (a smaller --input-size, or a machine with more memory)"
     else:
         text = f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)"
     return " ".join(text.split()) or type(error).__name__
@@ -305,7 +344,6 @@ def _apply(args: argparse.Namespace) -> int:
         warnings.filterwarnings("ignore", message=_UNTRACED_WARNING)
         retrofitted = apply_plan(model, plan, mode=args.mode, verify=False)
     report = _check(model, retrofitted, inputs, spec)
-    print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
         raise VerificationError(f"verification failed, nothing written to {output}: {_failures(report)}")
     checkpoint = checkpoint_for(
@@ -339,7 +377,6 @@ def _verify(args: argparse.Namespace) -> int:
         retrofitted = checkpoint.retrofit(original)
     inputs, _ = _example_inputs(original, args.input_size or checkpoint.input_size, checkpoint.source)
     report = _check(original, retrofitted, inputs, checkpoint.source)
-    print(f"verification on {_describe_inputs(inputs)}: {report.summary()}")
     if not report.ok:
         raise VerificationError(f"verification failed, {path} does not behave like its source: {_failures(report)}")
     return 0
@@ -393,24 +430,21 @@ def _example_inputs(
     return inputs, tuple(inputs[0].shape[1:])
 
 
-def _describe_inputs(inputs: tuple[torch.Tensor, ...] | dict[str, Any]) -> str:
-    """``a 2x3x224x224 input`` or ``input_ids 2x8`` (keyword inputs)."""
-    if isinstance(inputs, dict):
-        return ", ".join(f"{name} {_shape(value.shape)}" for name, value in inputs.items())
-    return f"a {_shape(inputs[0].shape)} input"
-
-
 def _check(
     original: nn.Module, retrofitted: nn.Module, inputs: tuple | dict[str, Any], spec: ModelSpec
 ) -> VerificationReport:
+    """Verify, printing the report's summary; a model that does not run on the inputs is a usage error."""
+    from .inputs import as_call
     from .verification import verify
 
+    described = as_call(inputs).describe()
     try:
-        return verify(original, retrofitted, inputs)
-    except RuntimeError as error:  # the model cannot run on this input: say so instead of a torch traceback
-        raise CliError(
-            f"{spec} does not run on {_describe_inputs(inputs)} ({first_line(error)}): pass an --input-size it accepts"
-        ) from error
+        report = verify(original, retrofitted, inputs)
+    except ExampleInputsError as error:
+        cause = first_line(error.__cause__ or error)
+        raise CliError(f"{spec} does not run on {described} ({cause}): pass an --input-size it accepts") from error
+    print(f"verification on {described}: {report.summary()}")
+    return report
 
 
 def _failures(report: VerificationReport) -> str:
@@ -422,10 +456,6 @@ def _failures(report: VerificationReport) -> str:
     if not report.sites_ok:
         failed.append(f"{sum(not c.ok for c in report.sites)} of {len(report.sites)} sites do not drop to their skip")
     return "; ".join(failed)
-
-
-def _shape(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape))
 
 
 def _describe_surgery(args: argparse.Namespace) -> str:

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+import warnings
+
+_LIBRARIES = ("sdsurgery", "torch")
+"""Packages whose frames a warning skips: the pass, and torch's module-call machinery around a block's forward."""
+
 
 def first_line(error: BaseException | str) -> str:
     """The first line of an error's message (libraries follow the cause with paragraphs of advice), or the
@@ -10,6 +16,15 @@ def first_line(error: BaseException | str) -> str:
     if text:
         return text.splitlines()[0]
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+def warn_caller(message: str) -> None:
+    """Warn (``UserWarning``) at the line that called into sdsurgery (or into torch, which calls a retrofitted
+    block's forward), not at a line of the library: the user sees which of their calls it is about."""
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _LIBRARIES:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
 
 
 class SurgeryError(Exception):
@@ -33,6 +48,10 @@ class TraceError(SurgeryError):
 
 class NoResidualSitesError(SurgeryError):
     """The model holds no residual addition that stochastic depth could go on."""
+
+
+class ExampleInputsError(SurgeryError, ValueError):
+    """The original model does not run on the example inputs it is to be retrofitted or verified on."""
 
 
 class VerificationError(SurgeryError):

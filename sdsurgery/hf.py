@@ -11,7 +11,8 @@ encoder-decoder and token boxes for a layout model (``bbox``). Everything here n
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError, first_line
+from .weights import describe_key_problems
 
 SEQUENCE_LENGTH = 8
 """Tokens (or audio frames per feature) in example inputs made from a config."""
@@ -56,22 +58,39 @@ def model_class(config: Any) -> type[nn.Module]:
 
 
 def load_model_directory(path: str | Path) -> nn.Module:
-    """The model saved in the directory ``path`` with its weights (local files only), in eval mode."""
+    """The model saved in the directory ``path`` with its weights (local files only), in eval mode; ``HFModelError``
+    when its weights leave parameters of the config's model missing or hold keys it has no place for."""
     transformers = _transformers()
     try:
         config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
     except Exception as error:
         raise HFModelError(f"cannot read the Hugging Face config in {path}: {first_line(error)}") from error
     cls = model_class(config)
-    progress = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a command's output is its own
     try:
-        return cls.from_pretrained(str(path), local_files_only=True).eval()
+        with _quiet(transformers.utils.logging):
+            model, loading = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
     except Exception as error:
         raise HFModelError(f"cannot load {cls.__name__} from {path}: {first_line(error)}") from error
+    # from_pretrained initialises missing weights at random and only logs it: that model must not be retrofitted.
+    problems = describe_key_problems(sorted(loading["missing_keys"]), sorted(loading["unexpected_keys"]))
+    if problems:
+        raise HFModelError(f"the weights in {path} do not fit its config.json ({cls.__name__}): {problems}")
+    return model.eval()
+
+
+@contextmanager
+def _quiet(logging: Any) -> Iterator[None]:
+    """transformers without its progress bars and its load report (a command's output is its own; what the
+    report says of missing or unexpected weights is raised as an error)."""
+    progress, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
     finally:
+        logging.set_verbosity(verbosity)
         if progress:
-            transformers.utils.logging.enable_progress_bar()
+            logging.enable_progress_bar()
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from .errors import ExampleInputsError, first_line
+
 ExampleInputs = torch.Tensor | tuple | Mapping[str, Any]
 """One input tensor, a tuple of positional inputs, or a dict of keyword inputs."""
 
@@ -44,10 +46,22 @@ class ExampleCall:
         :func:`bind_arguments`)."""
         return bind_arguments(module, self.args, dict(self.kwargs))
 
+    def describe(self) -> str:
+        """``a 2x3x224x224 input`` for a positional tensor, ``input_ids 2x8, ...`` for keyword arguments."""
+        positional = ", ".join(f"a {_shown(v)} input" if isinstance(v, torch.Tensor) else _shown(v) for v in self.args)
+        keywords = ", ".join(f"{name} {_shown(value)}" for name, value in self.kwargs.items())
+        return ", ".join(part for part in (positional, keywords) if part) or "no arguments"
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor among the arguments, in order."""
         leaves = pytree.tree_leaves((self.args, dict(self.kwargs)))
         return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return "x".join(map(str, value.shape))
+    return repr(value) if value is None or isinstance(value, (bool, int, float)) else type(value).__name__
 
 
 def as_call(example_inputs: ExampleInputs | ExampleCall) -> ExampleCall:
@@ -101,7 +115,11 @@ def default_example_inputs(model: nn.Module, batch_size: int = 2) -> tuple[torch
     parameter = next(model.parameters(), None)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((batch_size, *size), generator=generator)
-    return (x.to(parameter.device) if parameter is not None else x,)
+    if parameter is None:
+        return (x,)
+    # A half or bfloat16 model is called with inputs of its precision (a float32 input fails its first layer).
+    dtype = parameter.dtype if parameter.is_floating_point() else x.dtype
+    return (x.to(parameter.device, dtype),)
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -163,3 +181,16 @@ def eval_outputs(model: nn.Module, example_inputs: ExampleInputs | ExampleCall, 
     call = as_call(example_inputs)
     with torch.no_grad(), model_mode(model, False), seeded_rng(model, seed):
         return call(model)
+
+
+def reference_outputs(model: nn.Module, example_inputs: ExampleInputs | ExampleCall, seed: int = 0) -> Any:
+    """:func:`eval_outputs` of an original model; ``ExampleInputsError`` naming the inputs when the model does
+    not run on them (the wrong shape, dtype or arguments), instead of the error of the layer that failed."""
+    call = as_call(example_inputs)
+    try:
+        return eval_outputs(model, call, seed)
+    except (RuntimeError, TypeError, ValueError, IndexError, KeyError, AssertionError) as error:
+        raise ExampleInputsError(
+            f"{type(model).__name__} does not run on the example inputs ({call.describe()}): {first_line(error)}; "
+            "pass example_inputs it accepts"
+        ) from error

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import TraceError
 from .inputs import ExampleCall, bind_arguments
@@ -70,6 +71,18 @@ class TracedModel:
     order: dict[str, int] | None = None
     """When each module is first called, from one run of the model (``None`` until a part needs it)."""
     root_error: TraceError | None = None
+    own_additions: dict[str, int] | None = None
+    """How many additions of two tensors each module's own code (outside the modules it calls) ran, from the
+    same run as ``order`` (``None`` until a part needs it)."""
+    branching_on_values: set[str] = field(default_factory=set)
+    """Modules of ``untraced`` whose trace stopped at control flow on a tensor's value: another input may run
+    code that the example's run did not."""
+
+    def adds_nothing_untraced(self) -> list[str]:
+        """The modules of ``untraced`` whose fallback loses no residual addition: their own code added no
+        tensors in the run on the example, and did not branch on tensor values (their children are traced)."""
+        counts = self.own_additions or {}
+        return [p for p in self.untraced if counts.get(p) == 0 and p not in self.branching_on_values]
 
     def parts(self) -> list[Part]:
         """The traced parts, in execution order."""
@@ -169,6 +182,8 @@ def _trace_part(traced: TracedModel, path: str) -> Part:
         part = _trace_coping(traced, path)
     except TraceError as error:
         traced.untraced[path] = error.reason
+        if _branches_on_values(error):
+            traced.branching_on_values.add(path)
         if not path:
             traced.root_error = error
         return _split(traced, path)
@@ -233,6 +248,8 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
                 options = options.with_leaf_modules([cls])
             else:
                 untraced[error.module_path] = error.reason
+                if _branches_on_values(error):
+                    traced.branching_on_values.add(error.module_path)
                 options = options.with_leaf_paths([inner])
     result, options = _unspecialise(module, result, options, path, concrete_args)
     for node in result.graph.find_nodes(op="call_module"):
@@ -244,6 +261,10 @@ def _trace_coping(traced: TracedModel, path: str) -> Part:
     traced.untraced.update(untraced)
     traced.specialised.update({join_path(path, p): where for p, where in result.specialised.items()})
     return Part(path, result, options)
+
+
+def _branches_on_values(error: TraceError) -> bool:
+    return isinstance(error.cause, fx.proxy.TraceError)  # fx's "... cannot be used as inputs to control flow"
 
 
 def _unspecialise(
@@ -277,21 +298,25 @@ def _capture_calls(traced: TracedModel) -> None:
     names = {id(m): n for n, m in model.named_modules()}
     calls: dict[str, ModuleCall] = {}
     order: dict[str, int] = {}
+    additions = _AdditionCounter()
 
     def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        path = names.get(id(module))
-        if path is not None and path not in order:
+        path = names[id(module)]
+        if path not in order:
             order[path] = len(order)
             arguments = bind_arguments(module, args, kwargs)
             calls[path] = ModuleCall(arguments, to_fake(fake_mode, arguments))
+        additions.enter(path)
 
     handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(additions.leave, always_call=True) for m in model.modules()]
     try:
         for on_fake_tensors in (True, False):
             calls.clear()
             order.clear()
+            additions.reset()
             try:
-                with torch.no_grad(), left_unchanged(model, buffers=True):
+                with torch.no_grad(), left_unchanged(model, buffers=True), additions:
                     if on_fake_tensors:
                         _run_fake(model, traced.example_inputs, fake_mode)
                     else:
@@ -306,8 +331,49 @@ def _capture_calls(traced: TracedModel) -> None:
             handle.remove()
     traced.calls.update(calls)
     traced.order = order
+    traced.own_additions = dict(additions.counts)
     values = {path: call.values for path, call in calls.items()}
     traced.options = replace(traced.options, examples=replace(examples, calls={**values, **examples.calls}))
+
+
+class _AdditionCounter(TorchFunctionMode):
+    """Counts, by module path, the additions of two tensors that run in a module's own code (not in the
+    modules it calls), as the module hooks enter and leave calls."""
+
+    _ADDITIONS = frozenset(
+        (
+            torch.add,
+            torch.Tensor.add,
+            torch.Tensor.add_,
+            torch.Tensor.__add__,
+            torch.Tensor.__radd__,
+            torch.Tensor.__iadd__,
+        )
+    )
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: dict[str, int] = {}
+        self._calls: list[str] = []
+
+    def reset(self) -> None:
+        self.counts.clear()
+        self._calls.clear()
+
+    def enter(self, path: str) -> None:
+        self._calls.append(path)
+        self.counts.setdefault(path, 0)
+
+    def leave(self, *_: Any) -> None:
+        if self._calls:
+            self._calls.pop()
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self._ADDITIONS and self._calls:
+            if sum(isinstance(v, torch.Tensor) for v in (*args[:2], *kwargs.values())) >= 2:
+                self.counts[self._calls[-1]] += 1
+        return func(*args, **kwargs)
 
 
 def _run_fake(model: nn.Module, call: ExampleCall, fake_mode: Any) -> None:

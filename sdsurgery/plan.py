@@ -8,7 +8,7 @@ alone, and the blocks numbered by depth in execution order across parts; the sch
 from __future__ import annotations
 
 import fnmatch
-import warnings
+import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,16 +16,45 @@ from typing import Any
 from torch import nn
 
 from .choices import ShortcutKind, check_rate
-from .errors import NoResidualSitesError
+from .errors import NoResidualSitesError, warn_caller
 from .inputs import ExampleInputs, example_call
 from .parts import execution_order, trace_model
 from .repeated import find_repeated_blocks, residuals_left_alone
 from .residuals import ResidualAdd, add_operands, add_ordinals, find_residual_adds
 from .schedules import Schedule, drop_rates
 from .tracing import ModuleCall, TraceOptions, join_path
+from .wrappers import unwrap_model
 
 ModuleFilter = str | type[nn.Module]
 """A module-path glob (``"layer4.*"``) or a module class."""
+
+
+@dataclass(frozen=True)
+class ModelSignature:
+    """What a plan was made for: the model's class, how many modules and parameters it has, and a digest of
+    its module tree (each path and class) and parameter shapes. A copy of the model, its weights changed or
+    not, on any device, has the same signature."""
+
+    class_name: str
+    num_modules: int
+    num_parameters: int
+    digest: str
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelSignature:
+        """The signature of ``model``."""
+        digest = hashlib.sha256()
+        modules = list(model.named_modules(remove_duplicate=False))
+        for path, module in modules:
+            digest.update(f"{path}:{type(module).__module__}.{type(module).__qualname__}\n".encode())
+        parameters = list(model.named_parameters(remove_duplicate=False))
+        for path, parameter in parameters:
+            digest.update(f"{path}:{tuple(parameter.shape)}\n".encode())
+        return cls(type(model).__name__, len(modules), len(parameters), digest.hexdigest())
+
+    def describe(self) -> str:
+        """``a ResNet of 68 modules and 62 parameters``."""
+        return f"a {self.class_name} of {self.num_modules} modules and {self.num_parameters} parameters"
 
 
 @dataclass(frozen=True)
@@ -77,6 +106,12 @@ class SurgeryPlan:
     repeated_blocks: tuple[str, ...] = ()
     """The repeated blocks (the elements a stage repeats) that hold residual sites; each is one unit of
     depth and rate, whatever number of residual sub-blocks it holds. Empty when the model repeats none."""
+    model: ModelSignature | None = None
+    """The model the plan was made for; :func:`sdsurgery.apply_plan` refuses a plan for another model."""
+    untraced_without_additions: tuple[str, ...] = ()
+    """The modules of ``untraced`` whose own code (outside the modules it calls) added no tensors on the
+    example input and does not branch on tensor values: no residual addition hides in it, so the fallback
+    loses nothing and no warning names them (a causal LM's forward passing a cache object to its layers)."""
 
     @property
     def block_paths(self) -> list[str]:
@@ -102,12 +137,13 @@ def describe_untraced(untraced: dict[str, str]) -> str:
     return "; ".join(f"{path or '<model forward>'} ({why})" for path, why in untraced.items())
 
 
-def warn_untraced(untraced: dict[str, str], stacklevel: int = 3) -> None:
-    """Warn, naming each module that did not trace and why (nothing when every module traced)."""
+def warn_untraced(plan: SurgeryPlan) -> None:
+    """Warn, naming each module that did not trace and why, unless its own code adds no tensors (see
+    ``SurgeryPlan.untraced_without_additions``): nothing when no residual addition can have been missed."""
+    untraced = {p: why for p, why in plan.untraced.items() if p not in plan.untraced_without_additions}
     if untraced:
-        warnings.warn(
-            f"sdsurgery kept these modules as they are because they do not trace: {describe_untraced(untraced)}",
-            stacklevel=stacklevel,
+        warn_caller(
+            f"sdsurgery kept these modules as they are because they do not trace: {describe_untraced(untraced)}"
         )
 
 
@@ -153,10 +189,12 @@ def plan_stochastic_depth(
     matched against the module holding the addition and its repeated block, or classes. ``example_inputs`` (default: a random input of the model's known input size) are used only
     where code traces only with concrete shapes, or to order the parts when the model's own forward does
     not trace (see the module docstring). Raises ``TraceError`` when nothing with a residual addition
-    traces and the model's own forward did not, and ``ValueError`` for a bad ``p_max`` or schedule. The
-    model is not changed.
+    traces and the model's own forward did not, ``ValueError`` for a bad ``p_max`` or schedule and
+    ``TypeError`` for what is no module (a wrapped model is planned for the module inside, see
+    :func:`~sdsurgery.wrappers.unwrap_model`). The model is not changed.
     """
     check_rate(p_max)
+    model = unwrap_model(model)
     call = example_call(model, example_inputs)
     options = TraceOptions(leaf_modules=tuple(leaf_modules), autowrap_functions=tuple(autowrap_functions))
     traced = trace_model(model, options, call)
@@ -242,6 +280,8 @@ def plan_stochastic_depth(
         call_depths,
         left_alone,
         repeated.blocks,
+        ModelSignature.of(model),
+        tuple(traced.adds_nothing_untraced()),
     )
 
 
@@ -265,5 +305,5 @@ def find_residual_sites(model: nn.Module, p_max: float = 0.1, **options: Any) ->
     :func:`apply_stochastic_depth` does.
     """
     plan = plan_stochastic_depth(model, p_max, **options)
-    warn_untraced(plan.untraced)
+    warn_untraced(plan)
     return ResidualSites(plan.sites, plan.untraced)

@@ -17,7 +17,6 @@ paths and nested tensors included; the graphs are what training runs and what :m
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from torch import fx, nn
 from .callforms import CallForm, call_key, concrete_arguments
 from .choices import Mode
 from .decorators import decorated_forward, rewrap
-from .errors import SurgeryError, TraceError, first_line
+from .errors import SurgeryError, TraceError, first_line, warn_caller
 from .inputs import bind_arguments, model_mode
 from .ops import StochasticDepth
 from .residuals import (
@@ -129,9 +128,7 @@ class RetrofittedBlock(fx.GraphModule):
             try:
                 cls.forward = rewrap(decorated, forward)
             except ValueError as error:
-                warnings.warn(
-                    f"sdsurgery: {error}; the retrofitted block runs its traced forward without it", stacklevel=2
-                )
+                warn_caller(f"sdsurgery: {error}; the retrofitted block runs its traced forward without it")
         return code
 
     def _route(self, graph_forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -146,11 +143,11 @@ class RetrofittedBlock(fx.GraphModule):
             return graph_forward(self, *args, **kwargs)
         if isinstance(route, _OriginalCode):
             retrace = self.__dict__["_retrace"]
-            if self.training and route.reason:
-                warnings.warn(
-                    f"sdsurgery: {route.reason}; such calls run its original code, without stochastic "
-                    "depth in training",
-                    stacklevel=3,
+            warned = self.__dict__.setdefault("_warned", set())  # once per block and reason, not per step
+            if self.training and route.reason and route.reason not in warned:
+                warned.add(route.reason)
+                warn_caller(
+                    f"sdsurgery: {route.reason}; such calls run its original code, without stochastic depth in training"
                 )
             retrace.block.training = self.training
             return _undecorated_forward(retrace.block)(*args, **kwargs)

@@ -27,7 +27,6 @@ import copy
 import functools
 import inspect
 import operator
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +35,7 @@ import torch
 from torch import fx, nn
 
 from .choices import SKIPPING_MODES, SkippingMode, check_mode
+from .errors import warn_caller
 from .ops import StochasticDepth, subset_rows
 from .residuals import add_operands, input_dependent_nodes, is_shape_only
 from .rewrite import RetrofittedBlock
@@ -476,10 +476,9 @@ def skip_dropped_branches(model: nn.Module, mode: SkippingMode, *, seed: int | N
             block.graph = graph if block.training else eval_graph
     if fallbacks:
         fallback = "one draw per batch, computed and masked" if mode == "batch" else "row mode"
-        warnings.warn(
+        warn_caller(
             f"sdsurgery: mode={mode!r} cannot skip the work of these sites, which use {fallback} instead: "
-            + "; ".join(f"{site} ({why})" for site, why in fallbacks.items()),
-            stacklevel=2,
+            + "; ".join(f"{site} ({why})" for site, why in fallbacks.items())
         )
 
 

@@ -4,7 +4,6 @@ block that owns one and checks eval outputs; :func:`apply_stochastic_depth` is t
 from __future__ import annotations
 
 import copy
-import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -12,13 +11,22 @@ from typing import Any
 from torch import nn
 
 from .choices import SKIPPING_MODES, Mode, check_mode
-from .errors import TraceError
-from .inputs import ExampleInputs, eval_outputs, example_call
-from .plan import ModuleFilter, SurgeryPlan, describe_untraced, no_sites_error, plan_stochastic_depth, warn_untraced
+from .errors import TraceError, warn_caller
+from .inputs import ExampleInputs, example_call, reference_outputs
+from .plan import (
+    ModelSignature,
+    ModuleFilter,
+    SurgeryPlan,
+    describe_untraced,
+    no_sites_error,
+    plan_stochastic_depth,
+    warn_untraced,
+)
 from .rewrite import BlockEdit, RetrofittedBlock, retrofit_block
 from .schedules import Schedule
 from .skipping import skip_dropped_branches
 from .verification import check_eval_outputs
+from .wrappers import unwrap_model
 
 
 def apply_stochastic_depth(
@@ -52,9 +60,12 @@ def apply_stochastic_depth(
 
     The same as ``apply_plan(model, plan_stochastic_depth(model, p_max, ...), mode=..., ...)``. Raises
     ``NoResidualSitesError`` when no residual addition is found, ``TraceError`` when the model's forward does
-    not trace, ``VerificationError`` when eval outputs differ, ``ValueError`` for bad options.
+    not trace, ``VerificationError`` when eval outputs differ, ``ValueError`` for bad options, ``TypeError`` for
+    what is no module. A model inside ``torch.compile``, ``DataParallel`` or ``DistributedDataParallel`` is
+    retrofitted unwrapped, with a warning (:func:`~sdsurgery.wrappers.unwrap_model`).
     """
     check_mode(mode)
+    model = unwrap_model(model)
     plan = plan_stochastic_depth(
         model,
         p_max,
@@ -83,21 +94,23 @@ def apply_plan(
 
     ``mode``, ``inplace``, ``verify`` and ``example_inputs`` are as in :func:`apply_stochastic_depth`; modules
     the plan kept as they are because they do not trace are named in a warning. Raises
-    ``NoResidualSitesError`` when the plan has no site, ``ValueError`` when a planned block is not in
-    ``model`` or for a bad mode, ``VerificationError`` when eval outputs differ.
+    ``NoResidualSitesError`` when the plan has no site, ``ValueError`` when the plan was made for another
+    model (:class:`~sdsurgery.plan.ModelSignature`), for a bad mode, or with ``verify=True`` when the weights
+    are on the meta device, ``VerificationError`` when eval outputs differ.
     """
     check_mode(mode)
+    model = unwrap_model(model)
     if not plan.sites:
         raise no_sites_error(type(model).__name__, plan)
-    missing = next((path for path in plan.block_paths if path and not _has_submodule(model, path)), None)
-    if missing is not None:
+    _check_plan_fits(model, plan)
+    if verify and _on_meta_device(model):
         raise ValueError(
-            f"the plan does not fit this {type(model).__name__}: it has no module {missing!r}; make the plan "
-            "with plan_stochastic_depth(model, ...) for this model"
+            f"cannot verify this {type(model).__name__}: its weights are on the meta device (no values); pass "
+            "verify=False, and verify once the weights are loaded (sdsurgery.verify(original, retrofitted))"
         )
-    warn_untraced(plan.untraced)
+    warn_untraced(plan)
     call = example_call(model, example_inputs) if verify else None
-    reference = eval_outputs(model, call) if call is not None else None
+    reference = reference_outputs(model, call) if call is not None else None
 
     result = _rewrite_blocks(model if inplace else copy.deepcopy(model), plan, mode)
 
@@ -106,12 +119,19 @@ def apply_plan(
     return result
 
 
-def _has_submodule(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
+def _check_plan_fits(model: nn.Module, plan: SurgeryPlan) -> None:
+    """``ValueError`` unless ``plan`` was made for ``model`` or a copy of it (same module tree and shapes)."""
+    found = ModelSignature.of(model)
+    if plan.model is not None and plan.model != found:
+        raise ValueError(
+            f"the plan was made for another model: {plan.model.describe()}, and this is {found.describe()} "
+            "(their module trees or parameter shapes differ); make the plan with plan_stochastic_depth(model, ...) "
+            "for this model"
+        )
+
+
+def _on_meta_device(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
 
 
 def _rewrite_blocks(model: nn.Module, plan: SurgeryPlan, mode: Mode) -> nn.Module:
@@ -152,10 +172,9 @@ def _rewrite_blocks(model: nn.Module, plan: SurgeryPlan, mode: Mode) -> nn.Modul
     if failed and not done:
         raise next(iter(failed.values()))
     if failed:
-        warnings.warn(
+        warn_caller(
             "sdsurgery left these blocks without stochastic depth because they do not trace on their own: "
-            + describe_untraced({path: error.reason for path, error in failed.items()}),
-            stacklevel=2,
+            + describe_untraced({path: error.reason for path, error in failed.items()})
         )
     if mode in SKIPPING_MODES:  # batch/subset: move each branch out of the train graph so drops skip its work
         skip_dropped_branches(model, mode)

@@ -26,7 +26,16 @@ from torch import fx, nn
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from .errors import VerificationError, first_line
-from .inputs import ExampleCall, ExampleInputs, as_call, default_example_inputs, eval_outputs, model_mode, seeded_rng
+from .inputs import (
+    ExampleCall,
+    ExampleInputs,
+    as_call,
+    default_example_inputs,
+    eval_outputs,
+    model_mode,
+    reference_outputs,
+    seeded_rng,
+)
 from .ops import StochasticDepth, is_stochastic_depth_op, set_drop_rate_of, stochastic_depth_functions_off
 from .residuals import add_operands
 from .rewrite import RetrofittedBlock
@@ -190,6 +199,12 @@ class VerificationReport:
             + (f" ({self.eval_mismatch})" if self.eval_mismatch else "")
             + f", {train}, {len(self.sites) - len(failed)}/{len(self.sites)} sites drop to their skip"
             + (f" (failed: {', '.join(failed)})" if failed else "")
+            + (
+                ""
+                if self.sites
+                else " (the retrofitted model holds no stochastic depth on a residual branch: it is an original or "
+                "a stripped model; verify the model apply_stochastic_depth returned)"
+            )
         )
 
 
@@ -217,7 +232,7 @@ def verify(
         if example_inputs is None:
             raise ValueError(f"verify needs example_inputs: the input size of {type(original).__name__} is not known")
     call = as_call(example_inputs)
-    expected = eval_outputs(original, call, seed)
+    expected = reference_outputs(original, call, seed)
     actual = _retrofitted_run("in eval mode", lambda: eval_outputs(retrofitted, call, seed))
     difference = compare_outputs(expected, actual)
     train_diff, train_skipped = _train_diff_at_rate_zero(original, retrofitted, call, seed)

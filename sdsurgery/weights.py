@@ -5,9 +5,10 @@ not fit.
 
 from __future__ import annotations
 
+import hashlib
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +100,13 @@ def read_tensor_file(path: Path, what: str, error: type[SurgeryError]) -> Any:
         refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(failure))
         if refused:
             raise PickledObjectsError(path, refused.group(1)) from None
-        raise error(f"{path} is not a readable {what}: {first_line(failure)}") from failure
+        # torch's message advises weights_only=False first; the unpickler's own cause is what went wrong.
+        cause = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(failure))
+        raise error(
+            f"{path} is not a readable {what}: the safe (weights_only) reader refuses it "
+            f"({cause.group(1) if cause else _first_sentence(failure)}); save it with torch.save(state_dict) or as "
+            ".safetensors"
+        ) from failure
     except Exception as failure:  # truncated archives raise RuntimeError, cut pickles EOFError, ...
         detail = "it ends early" if isinstance(failure, EOFError) else _first_sentence(failure)
         raise error(f"{path} is not a readable {what}: it looks truncated or corrupted ({detail})") from failure
@@ -153,17 +160,36 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
-    if missing or unexpected or mismatched:
-        problems = [
-            f"{len(items)} {label} ({_some(items)})"
-            for items, label in ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "with another shape"))
-            if items
-        ]
+    problems = describe_key_problems(missing, unexpected, mismatched)
+    if problems:
         raise WeightsError(
-            f"the weights in {source} do not fit {target}: {'; '.join(problems)} "
-            "(check the model name and --num-classes)"
+            f"the weights in {source} do not fit {target}: {problems} (check the model name and --num-classes)"
         )
     model.load_state_dict(state_dict)
+
+
+def state_dict_digest(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """The SHA-256 of a state dict's keys, dtypes, shapes and values, in key order: equal for the same weights
+    saved again, different once any value changes."""
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        value = state_dict[key]
+        if not isinstance(value, torch.Tensor):  # a module's extra state may be any plain value
+            digest.update(f"{key}:{value!r}\n".encode())
+            continue
+        tensor = value.detach()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def describe_key_problems(missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str] = ()) -> str:
+    """``2 missing (a, b); 1 unexpected (c)``: how a state dict fails to fit a model; '' when it fits."""
+    return "; ".join(
+        f"{len(items)} {label} ({_some(items)})"
+        for items, label in ((missing, "missing"), (unexpected, "unexpected"), (mismatched, "with another shape"))
+        if items
+    )
 
 
 def load_weights(model: nn.Module, path: Path, *, target: str, key: str | None = None) -> None:
@@ -188,7 +214,7 @@ def _shape(tensor: torch.Tensor) -> str:
     return "x".join(map(str, tensor.shape)) or "scalar"
 
 
-def _some(items: list[str], limit: int = 3) -> str:
+def _some(items: Sequence[str], limit: int = 3) -> str:
     shown = ", ".join(map(str, items[:limit]))
     return shown + (f", ... {len(items) - limit} more" if len(items) > limit else "")
 

@@ -171,6 +171,15 @@ def test_a_call_that_cannot_be_traced_runs_the_original_code_and_says_so_in_trai
         assert torch.equal(block(TOKENS, Options(1.0, False)), TOKENS)
 
 
+def test_a_call_running_the_original_code_is_warned_about_once_per_block_not_per_step():
+    block = apply_stochastic_depth(nn.Sequential(BranchesOnAnObject()), 0.3, example_inputs=TOKENS)[0].train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            block(TOKENS, Options(1.0, False))
+    assert len([w for w in caught if "original code" in str(w.message)]) == 1
+
+
 def test_sites_are_found_whichever_form_the_example_has():
     without = find_residual_sites(MaskedModel(), 0.3, example_inputs=TOKENS)
     with_mask = find_residual_sites(MaskedModel(), 0.3, example_inputs=(TOKENS, MASK))

@@ -77,10 +77,31 @@ def test_a_plan_applies_to_a_copy_of_its_model() -> None:
     assert [name for name, _, _, _ in rates(retrofitted)] == ["blocks.0.stochastic_depth", "blocks.1.stochastic_depth"]
 
 
-def test_a_plan_for_another_model_is_refused() -> None:
+def test_a_plan_for_a_model_with_more_blocks_is_refused() -> None:
     surgery_plan = plan_stochastic_depth(ConvNet(blocks=3), 0.1)
-    with pytest.raises(ValueError, match=r"the plan does not fit this ConvNet: it has no module 'blocks.2'"):
+    with pytest.raises(ValueError, match=r"the plan was made for another model: a ConvNet of \d+ modules"):
         apply_plan(ConvNet(blocks=2), surgery_plan)
+
+
+def test_a_plan_for_a_smaller_model_of_the_same_class_is_refused() -> None:
+    # resnet18's plan names blocks that resnet34 has too: without the check it retrofitted 8 of 16 blocks.
+    surgery_plan = plan_stochastic_depth(torchvision.models.resnet18(), 0.2)
+    with pytest.raises(
+        ValueError,
+        match=r"made for another model: a ResNet of 68 modules and 62 parameters, and this is a ResNet of 116 modules",
+    ):
+        apply_plan(torchvision.models.resnet34(), surgery_plan)
+
+
+def test_a_plan_applies_to_another_instance_of_its_architecture() -> None:
+    surgery_plan = plan_stochastic_depth(torchvision.models.resnet18(), 0.2)
+    assert len(rates(apply_plan(torchvision.models.resnet18(), surgery_plan))) == 8
+
+
+def test_a_plan_for_other_parameter_shapes_is_refused() -> None:
+    surgery_plan = plan_stochastic_depth(torchvision.models.resnet18(num_classes=10), 0.2)
+    with pytest.raises(ValueError, match="their module trees or parameter shapes differ"):
+        apply_plan(torchvision.models.resnet18(num_classes=1000), surgery_plan)
 
 
 def test_a_plan_without_sites_is_refused() -> None:

@@ -3,6 +3,8 @@ when no site is found."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -14,6 +16,7 @@ from sdsurgery import (
     TraceError,
     apply_stochastic_depth,
     find_residual_sites,
+    plan_stochastic_depth,
 )
 
 X = torch.randn(2, 8)
@@ -68,6 +71,52 @@ def test_find_residual_sites_reports_untraced_modules():
     assert isinstance(sites, ResidualSites) and isinstance(sites, list)
     assert [s.block_path for s in sites] == ["1"]
     assert sites.untraced == {"0": UNTRACED_REASON}
+
+
+def test_the_warning_points_at_the_callers_line():
+    with pytest.warns(UserWarning, match="kept these modules as they are because they do not trace: 0 [(]") as caught:
+        apply_stochastic_depth(nn.Sequential(DataDependentBlock(), Plain()), 0.1, example_inputs=X)
+    assert [(w.filename, w.lineno) for w in caught] == [(__file__, CALL_LINE)]
+
+
+CALL_LINE = test_the_warning_points_at_the_callers_line.__code__.co_firstlineno + 2
+
+
+class Cache:
+    """An object no graph can hold (transformers' ``DynamicCache``)."""
+
+
+class ReturnsACache(nn.Module):
+    """Layers run in a loop and returned with a cache: the model's own forward does not trace, its layers
+    do. With ``residual_here`` the forward adds each layer's output to its input too."""
+
+    def __init__(self, residual_here: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Plain() for _ in range(2))
+        self.residual_here = residual_here
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Cache]:
+        for layer in self.layers:
+            x = x + layer(x) if self.residual_here else layer(x)
+        return x, Cache()
+
+
+def test_a_forward_that_does_not_trace_but_adds_nothing_itself_is_named_without_a_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_stochastic_depth(ReturnsACache(residual_here=False), 0.1, example_inputs=X)
+        retrofitted = apply_stochastic_depth(ReturnsACache(residual_here=False), 0.1, example_inputs=X)
+    assert list(plan.untraced) == [""] and plan.untraced_without_additions == ("",)
+    assert [s.block_path for s in plan.sites] == ["layers.0", "layers.1"]
+    assert [isinstance(m, RetrofittedBlock) for m in retrofitted.layers] == [True, True]
+
+
+def test_a_forward_that_does_not_trace_and_adds_tensors_itself_is_warned_about():
+    with pytest.warns(UserWarning, match=r"kept these modules as they are because they do not trace: <model forward>"):
+        apply_stochastic_depth(ReturnsACache(residual_here=True), 0.1, example_inputs=X)
+    plan = plan_stochastic_depth(ReturnsACache(residual_here=True), 0.1, example_inputs=X)
+    assert list(plan.untraced) == [""] and plan.untraced_without_additions == ()
+    assert [s.block_path for s in plan.sites] == ["layers.0", "layers.1"]  # the forward's own additions are lost
 
 
 def test_find_residual_sites_of_a_fully_traced_model_has_nothing_untraced():

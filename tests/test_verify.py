@@ -9,7 +9,14 @@ import timm
 import torch
 import torchvision
 
-from sdsurgery import apply_stochastic_depth, default_example_inputs, residuals, verification, verify
+from sdsurgery import (
+    apply_stochastic_depth,
+    default_example_inputs,
+    residuals,
+    strip_stochastic_depth,
+    verification,
+    verify,
+)
 from tiny_residual_models import MLPNet
 
 
@@ -150,6 +157,18 @@ def test_summary_names_the_failing_site(models):
     original, retrofitted = models
     _move_stochastic_depth(retrofitted.layer1[1], onto="skip")
     assert "failed: layer1.1.stochastic_depth" in verify(original, retrofitted).summary()
+
+
+def test_a_model_without_stochastic_depth_fails_and_the_summary_says_why(models):
+    original, retrofitted = models
+    stripped = strip_stochastic_depth(retrofitted)
+    report = verify(stripped, stripped)
+    assert (report.eval_ok, report.train_ok, report.sites, report.ok) == (True, True, [], False)
+    assert report.summary().endswith(
+        "0/0 sites drop to their skip (the retrofitted model holds no stochastic depth on a residual branch: it is "
+        "an original or a stripped model; verify the model apply_stochastic_depth returned)"
+    )
+    assert "holds no stochastic depth" not in verify(original, retrofitted).summary()  # control
 
 
 def test_models_are_left_unchanged(models):
