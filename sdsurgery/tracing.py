@@ -14,7 +14,6 @@ something else. Shapes that only flow into tensor operations stay symbolic; data
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -723,17 +722,34 @@ def _container_copies(module: nn.Module) -> dict[str, Any]:
 
 
 def _restore_containers(attributes: Mapping[str, Any], copies: Mapping[str, Any]) -> None:
-    """Put back the contents of each container attribute from its copy (:func:`_container_copies`)."""
+    """Put back the contents of each container attribute that traced code changed from its copy
+    (:func:`_container_copies`). Containers left as they were are not touched: a frozen one (diffusers'
+    ``FrozenDict`` config) refuses ``update`` after ``clear`` has emptied it."""
     for name, saved in copies.items():
-        if saved is not None:
+        if saved is not None and _changed(attributes[name], saved):
             original = attributes[name]
             original.clear()
             original.update(saved) if isinstance(original, (dict, set)) else original.extend(saved)
 
 
+def _changed(container: Any, saved: Any) -> bool:
+    """Whether a container holds other contents than its shallow copy (other objects, by identity)."""
+    if isinstance(container, set):
+        return container != saved
+    if isinstance(container, dict):
+        pairs = zip(container.values(), saved.values())
+        return list(container) != list(saved) or any(a is not b for a, b in pairs)
+    return len(container) != len(saved) or any(a is not b for a, b in zip(container, saved))
+
+
 def _shallow(value: Any) -> Any:
-    """A shallow copy of a plain dict, list or set attribute (``_modules``, ``_buffers``, caches), else None."""
-    return copy.copy(value) if isinstance(value, (dict, list, set)) else None
+    """The contents of a dict, list or set attribute (``_modules``, ``_buffers``, caches) as a plain container
+    of its type's base, else None: copying the subclass itself may run its checks (a frozen dict refuses the
+    items ``copy.copy`` puts back)."""
+    for base in (dict, list, set):
+        if isinstance(value, base):
+            return base(value)
+    return None
 
 
 def _restore_specialised_names(graph: fx.Graph, concrete_args: dict[str, Any]) -> None:

@@ -4,6 +4,7 @@ whose own forward does not trace retrofitted part by part with one depth numberi
 import functools
 import math
 import warnings
+from collections import OrderedDict
 
 import pytest
 import timm
@@ -271,6 +272,33 @@ def test_tracing_leaves_attributes_and_caches_as_they_were():
     plan = plan_stochastic_depth(model, 0.1, example_inputs=X)
     assert len(plan.sites) == 1
     assert model[0].cache == {} and model[0].last_shape is None
+
+
+class FrozenDict(OrderedDict):
+    """A dict whose methods refuse changes, as diffusers' ``FrozenDict`` (a model's ``config``) does."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("You cannot change a FrozenDict instance.")
+
+    update = pop = setdefault = __delitem__ = _refuse
+
+
+class FrozenConfigNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = FrozenDict(width=8, layers=2)
+        self.blocks = nn.Sequential(CachingBlock(), CachingBlock())
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+def test_a_frozen_container_of_the_model_is_left_as_it_was():
+    model = FrozenConfigNet()
+    retrofitted = apply_stochastic_depth(model, 0.1, example_inputs=X, verify=False)
+    assert list(model.config.items()) == [("width", 8), ("layers", 2)]
+    assert [b.cache for b in model.blocks] == [{}, {}]  # control: the containers traced code fills are emptied
+    assert verify(model, retrofitted, X).ok
 
 
 def test_tracing_on_example_values_does_not_update_batch_norm_statistics():
