@@ -5,6 +5,7 @@ Nothing is downloaded: every model is built from a config written here, with ran
 
 import copy
 import logging
+import warnings
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from sdsurgery import (  # noqa: E402
     StochasticDepth,
     apply_stochastic_depth,
     find_residual_sites,
+    plan_stochastic_depth,
     set_drop_rates,
     verify,
 )
@@ -455,6 +457,17 @@ def test_a_layer_taking_a_structured_argument_with_defaults_is_retrofitted():
     result = apply_stochastic_depth(model, P_MAX, example_inputs=_pixels())
     report = verify(model, result, _pixels())
     assert report.ok and len(report.sites) == 4  # both residuals of both layers
+
+
+def test_a_causal_lm_handing_its_cache_to_its_layers_is_retrofitted_without_a_warning():
+    # LlamaForCausalLM's own forward does not trace (a DynamicCache object), but it adds no tensors itself:
+    # its layers are traced on their own and nothing residual is lost, so there is nothing to warn about.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = plan_stochastic_depth(_build("llama"), P_MAX)
+        apply_stochastic_depth(_build("llama"), P_MAX)
+    assert plan.untraced_without_additions == tuple(plan.untraced) != ()
+    assert len(plan.sites) == 2 * LAYERS
 
 
 def test_a_model_whose_own_forward_returns_a_cache_is_retrofitted_layer_by_layer():
