@@ -58,9 +58,14 @@ class ExampleCall:
         return [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
 
 
+def shape_text(tensor: torch.Tensor) -> str:
+    """``2x3x224x224`` (``scalar`` for a 0-d tensor)."""
+    return "x".join(map(str, tensor.shape)) or "scalar"
+
+
 def _shown(value: Any) -> str:
     if isinstance(value, torch.Tensor):
-        return "x".join(map(str, value.shape))
+        return shape_text(value)
     return repr(value) if value is None or isinstance(value, (bool, int, float)) else type(value).__name__
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import SurgeryError, first_line
+from .inputs import shape_text
 
 STATE_DICT_KEYS = ("state_dict", "model", "model_ema")
 """Where training checkpoints nest their state dict, in the order they are looked for."""
@@ -156,7 +157,7 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     mismatched = [
-        f"{k}: {_shape(v)} in the file, {_shape(expected[k])} in the model"
+        f"{k}: {shape_text(v)} in the file, {shape_text(expected[k])} in the model"
         for k, v in state_dict.items()
         if k in expected and v.shape != expected[k].shape
     ]
@@ -208,10 +209,6 @@ def load_weights(model: nn.Module, path: Path, *, target: str, key: str | None =
             "model is given as MODEL, with --trust-pickle)"
         ) from None
     load_state_dict_into(model, extract_state_dict(contents, str(path), key), str(path), target)
-
-
-def _shape(tensor: torch.Tensor) -> str:
-    return "x".join(map(str, tensor.shape)) or "scalar"
 
 
 def _some(items: Sequence[str], limit: int = 3) -> str:
